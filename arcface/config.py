@@ -1,0 +1,119 @@
+"""Config files as in arcface_torch: `config = edict(...)` in python, `configs/base.py` merged with a job file.
+
+Differences from upstream, all for safety: the job file may live anywhere (upstream requires `configs/`
+and the working directory), unknown keys are an error naming the nearest known key, values given on the
+command line (`--set lr=0.05 kd.enabled=True`) override the file, and legacy keys of older upstream
+configs are accepted and reported as ignored.
+"""
+import ast
+import difflib
+import logging
+import os
+import runpy
+from pathlib import Path
+
+from easydict import EasyDict as edict
+
+from .config_keys import ALL_KEYS, LEGACY_KEYS
+from .errors import ConfigError
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
+log = logging.getLogger(__name__)
+
+
+def nearest(name, candidates):
+    """The closest known name, for 'did you mean' messages."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def unknown_key_error(key, known, where):
+    hint = nearest(key, known)
+    suggestion = f"; did you mean '{hint}'?" if hint else ""
+    return ConfigError(f"{where}: unknown config key '{key}'{suggestion} (every key is listed in docs/configs.md)")
+
+
+def _load_py(path):
+    path = Path(path)
+    if not path.exists() and path.suffix != ".py" and path.with_suffix(".py").exists():
+        path = path.with_suffix(".py")  # upstream style: `configs/ms1mv3_r50` without .py
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as exc:  # syntax errors and the like, with the file named
+        raise ConfigError(f"{path}: could not be executed: {type(exc).__name__}: {exc}") from exc
+    if "config" not in namespace:
+        raise ConfigError(f"{path}: defines no `config` (expected `config = edict()` as in arcface_torch)")
+    return path, namespace["config"]
+
+
+def parse_override(text):
+    """'a.b=value' -> (['a', 'b'], python value); values are python literals, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip().split("."), value
+
+
+def _to_edict(value):
+    if isinstance(value, dict) and not isinstance(value, edict):
+        return edict(value)
+    return value
+
+
+def load_config(path, overrides=(), base=BASE_CONFIG):
+    """Return the merged, validated EasyDict for a job file (plus `key=value` overrides)."""
+    _, cfg = _load_py(base)
+    cfg = edict(cfg)
+    path, job = _load_py(path)
+    known = set(ALL_KEYS)
+    for key, value in dict(job).items():
+        if key not in known:
+            raise unknown_key_error(key, known, str(path))
+        if key in LEGACY_KEYS:
+            log.warning("%s: legacy key '%s' is ignored (%s)", path, key, LEGACY_KEYS[key])
+        if key == "kd" and isinstance(value, dict) and isinstance(cfg.get("kd"), dict):
+            merged = edict(cfg.kd)
+            merged.update(value)
+            value = merged
+        cfg[key] = _to_edict(value)
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in known:
+            raise unknown_key_error(keys[0], known, "--set")
+        node = cfg
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = edict()
+            node = node[k]
+        node[keys[-1]] = _to_edict(value)
+    cfg.config_name = path.stem
+    if cfg.output is None:
+        cfg.output = os.path.join("work_dirs", path.stem)
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg, where="config"):
+    """Value checks that would otherwise fail deep inside training."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(f"{where}: {msg}")
+
+    need(cfg.rec is not None, "`rec` is not set (a dataset folder with train.rec/train.idx, an image folder, or 'synthetic')")
+    need(isinstance(cfg.num_classes, int) and cfg.num_classes > 0, f"`num_classes` must be a positive int, got {cfg.num_classes!r}")
+    need(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, f"`batch_size` must be a positive int, got {cfg.batch_size!r}")
+    need(len(tuple(cfg.margin_list)) == 3, f"`margin_list` must be (m1, m2, m3), got {cfg.margin_list!r}")
+    need(cfg.optimizer in ("sgd", "adamw"), f"`optimizer` must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    need(0 <= float(cfg.sample_rate) <= 1, f"`sample_rate` must lie in [0, 1], got {cfg.sample_rate!r}")
+    need(isinstance(cfg.gradient_acc, int) and cfg.gradient_acc >= 1, f"`gradient_acc` must be an int >= 1, got {cfg.gradient_acc!r}")
+    need(cfg.sampler in ("random", "pk"), f"`sampler` must be 'random' or 'pk', got {cfg.sampler!r}")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"`device` must be auto, cpu or cuda, got {cfg.device!r}")
+    need(isinstance(cfg.val_targets, (list, tuple)), f"`val_targets` must be a list of names, got {cfg.val_targets!r}")
+    need(isinstance(cfg.network_kwargs, dict), f"`network_kwargs` must be a dict, got {cfg.network_kwargs!r}")
+    return cfg

@@ -1,0 +1,24 @@
+"""One exception type per boundary, so a user sees what went wrong and where before harm is done."""
+
+
+class UKDError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(UKDError, KeyError):
+    """A config file, key or value is wrong. Subclasses KeyError so `cfg.missing` style code still works."""
+
+    def __str__(self):  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(UKDError):
+    """A data file (RecordIO, index, image, .bin, IJB meta) is missing or malformed."""
+
+
+class CheckpointError(UKDError):
+    """A checkpoint does not exist, does not match the network, or comes from another world size."""
+
+
+class TrainingDiverged(UKDError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint is intact."""
