@@ -5,7 +5,7 @@ A plugin is switched on either by listing its name in `cfg.plugins`, or, when it
 """
 from arcface.engine.hooks import Plugin  # noqa: F401  (re-exported for plugin authors)
 from arcface.errors import ConfigError
-from arcface.registry import Registry
+from arcface.registry import Registry, check_kwargs
 
 PLUGINS = Registry("plugin")
 KD_LOSSES = Registry("KD loss")
@@ -36,22 +36,25 @@ def _import_builtin():
     import plugins.ukd  # noqa: F401
 
 
-def enabled_plugin_names(cfg):
+def enabled_plugins(cfg):
+    """[(name, parameters)] of the plugins the config switches on."""
     _import_builtin()
-    names = list(cfg.get("plugins") or [])
+    from plugins.builtin import parse_plugin_entry
+    entries = [parse_plugin_entry(e) for e in (cfg.get("plugins") or [])]
+    names = [n for n, _ in entries]
     for name, key in _CONFIG_KEYS.items():
         section = cfg.get(key)
         if isinstance(section, dict) and section.get("enabled", False) and name not in names:
-            names.append(name)
-    return names
+            entries.append((name, {}))
+    return entries
 
 
 def build_plugins(cfg):
     plugins = []
-    for name in enabled_plugin_names(cfg):
-        if name not in PLUGINS:
-            PLUGINS.get(name)  # raises with a suggestion
-        plugins.append(PLUGINS.get(name)(cfg))
+    for name, params in enabled_plugins(cfg):
+        cls = PLUGINS.get(name)  # unknown name: ConfigError with a suggestion
+        check_kwargs(cls, dict(params, cfg=cfg), f"plugin '{name}'")
+        plugins.append(cls(cfg, **params))
     return plugins
 
 

@@ -44,6 +44,10 @@ class Plugin:
         """Modules trained with the student (a projector, say): wrapped by DDP with it, optimised, clipped."""
         return []
 
+    def bind_trainable(self, wrapped) -> None:
+        """Receive trainable_modules() back, DDP-wrapped when distributed; call these in after_forward."""
+        pass
+
     def before_training(self, ctx: TrainContext) -> None:
         pass
 

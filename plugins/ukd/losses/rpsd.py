@@ -1,0 +1,138 @@
+"""RPSD: relation-based pairwise similarity distillation over a teacher memory bank (paper.md section 1.3)."""
+import torch
+import torch.nn.functional as F
+
+from arcface.errors import ConfigError
+from plugins.registry import register_kd_loss
+
+from ..batch import KDBatch, KDOutput
+from ..memory_bank import MemoryBank
+from ..mining import hard_negative_mask, negative_candidates, positive_mask, random_negative_mask
+from .base import KDLoss
+from .iled import compute_dtype, require_same_dim
+
+FORMS = ("mse", "kl")
+_FAR = -1e9  # a finite "minus infinity": masked logits must not turn 0 * inf into NaN gradients
+
+
+@register_kd_loss("rpsd")
+class RPSDLoss(KDLoss):
+    """Match the student's similarities to teacher keys with the teacher's own, on mined keys.
+
+    For local anchor i the keys are the valid bank entries plus the all-gathered current teacher batch,
+    minus anchor i itself; a_ij = <t^_i, k_j> (teacher), b_ij = <s^_i, k_j> (student). Mined set
+    R_i = positives (every key with y_j = y_i) + the k_neg other-label keys the teacher finds most similar
+    + k_rand random other-label keys. Only [b, keys] similarity matrices are built, never [b, keys, d].
+
+    Parameters (config keys):
+        bank: memory bank slots of teacher embeddings (16384); must be >= the global batch size.
+        k_neg: hard negatives per anchor, ranked by teacher similarity (256).
+        k_rand: random extra negatives per anchor, fixed by (seed, step, anchor) (0).
+        form: 'mse' = mean over R_i of w_j (b_ij - a_ij)^2, then mean over anchors (default);
+              'kl' = sum over R_i of w_j p_j log(p_j / q_j), p = softmax(a / tau_t), q = softmax(b / tau_s).
+        tau_t: 'kl' teacher temperature (0.1).
+        tau_s: 'kl' student temperature (0.02).
+        w_pos: weight of positive keys (1.0).
+        w_neg: weight of negative keys, hard and random (1.0).
+        min_bank: valid bank entries needed before the bank is used; before that, in-batch keys only
+                  (None = k_neg).
+        fp16: store the bank in float16 (False).
+        seed: seed of the random negatives (0).
+        require_positives: refuse to start without a P x K sampler when w_pos > 0 (True).
+
+    Distributed: the bank is filled in after_step with the all-gathered global batch (identical on every
+    rank); each rank returns the mean over its local anchors, whose DDP average is the global mean.
+    Statistics: pos_per_anchor, neg_per_anchor, bank_fill, sim_gap (mean |b - a| over mined keys).
+    """
+
+    def __init__(self, bank=16384, k_neg=256, k_rand=0, form="mse", tau_t=0.1, tau_s=0.02, w_pos=1.0,
+                 w_neg=1.0, min_bank=None, fp16=False, seed=0, require_positives=True):
+        super().__init__()
+        where = "KD loss 'rpsd'"
+        if form not in FORMS:
+            raise ConfigError(f"{where}: form must be one of {FORMS}, got {form!r}")
+        if int(bank) <= 0:
+            raise ConfigError(f"{where}: bank must be a positive number of slots, got {bank}")
+        for key, value in (("k_neg", k_neg), ("k_rand", k_rand)):
+            if int(value) < 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {value}")
+        for key, value in (("tau_t", tau_t), ("tau_s", tau_s)):
+            if float(value) <= 0:
+                raise ConfigError(f"{where}: {key} must be > 0, got {value}")
+        for key, value in (("w_pos", w_pos), ("w_neg", w_neg)):
+            if float(value) < 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {value}")
+        min_bank = int(k_neg) if min_bank is None else int(min_bank)
+        if min_bank > int(bank):
+            raise ConfigError(f"{where}: min_bank={min_bank} exceeds bank={bank}, so the bank would never be "
+                              f"used; lower min_bank (or k_neg) or raise bank")
+        self.bank_size, self.k_neg, self.k_rand = int(bank), int(k_neg), int(k_rand)
+        self.form, self.tau_t, self.tau_s = form, float(tau_t), float(tau_s)
+        self.w_pos, self.w_neg, self.min_bank = float(w_pos), float(w_neg), min_bank
+        self.seed, self.require_positives = int(seed), bool(require_positives)
+        self.bank = MemoryBank(self.bank_size, fp16=fp16)
+
+    def check(self, global_batch_size, pk_sampler):
+        if self.bank_size < global_batch_size:
+            raise ConfigError(f"KD loss 'rpsd': bank={self.bank_size} is smaller than the global batch "
+                              f"({global_batch_size}): one enqueue would overwrite itself; raise bank to at least "
+                              f"{global_batch_size}")
+        if self.require_positives and self.w_pos > 0 and not pk_sampler:
+            raise ConfigError("KD loss 'rpsd' needs positive pairs (w_pos > 0, require_positives=True), but the "
+                              "random sampler almost never puts two images of one identity in a batch: use the "
+                              "P x K sampler (cfg.sampler='pk'), or set require_positives=False (or w_pos=0)")
+
+    def _keys(self, batch, dtype):
+        """Teacher keys [N, d], their labels [N] and validity [b, N] for the local anchors (self excluded)."""
+        keys = F.normalize(batch.gathered_teacher().to(dtype), dim=1)
+        labels = batch.gathered_labels()
+        n_batch = keys.shape[0]
+        anchors = torch.arange(batch.local_size, device=keys.device) + batch.offset
+        valid = torch.arange(n_batch, device=keys.device)[None, :] != anchors[:, None]
+        bank_used = self.bank.dim is not None and self.bank.num_valid() >= max(self.min_bank, 1)
+        if bank_used:
+            keys = torch.cat([keys, self.bank.feats.to(dtype)], dim=0)
+            labels = torch.cat([labels, self.bank.labels.to(labels.device)], dim=0)
+            valid = torch.cat([valid, self.bank.valid[None, :].expand(batch.local_size, -1)], dim=1)
+        return keys, labels, valid, anchors
+
+    def forward(self, batch: KDBatch) -> KDOutput:
+        require_same_dim(batch, self.name)
+        dtype = compute_dtype(batch.student)
+        student = F.normalize(batch.student.to(dtype), dim=1)
+        teacher = F.normalize(batch.teacher.detach().to(dtype), dim=1)
+        keys, key_labels, valid, anchors = self._keys(batch, dtype)
+
+        a = teacher @ keys.t()                                  # [b, N], no gradient
+        b = student @ keys.t()                                  # [b, N], gradient to the student
+        with torch.no_grad():
+            pos = positive_mask(batch.labels, key_labels, valid)
+            cand = negative_candidates(batch.labels, key_labels, valid)
+            neg = hard_negative_mask(a, cand, self.k_neg)
+            if self.k_rand > 0:
+                neg |= random_negative_mask(cand & ~neg, self.k_rand, self.seed, batch.step, anchors)
+            mined = pos | neg
+            weight = pos.to(dtype) * self.w_pos + neg.to(dtype) * self.w_neg
+            count = mined.sum(dim=1)
+
+        if self.form == "mse":
+            per_anchor = (weight * (b - a).pow(2)).sum(dim=1) / count.clamp(min=1)
+        else:
+            log_p = F.log_softmax((a / self.tau_t).masked_fill(~mined, _FAR), dim=1)
+            log_q = F.log_softmax((b / self.tau_s).masked_fill(~mined, _FAR), dim=1)
+            per_anchor = (weight * log_p.exp() * (log_p - log_q)).sum(dim=1)
+        loss = per_anchor.mean()
+
+        with torch.no_grad():
+            n_mined = int(count.sum())
+            stats = {
+                "pos_per_anchor": float(pos.sum()) / batch.local_size,
+                "neg_per_anchor": float(neg.sum()) / batch.local_size,
+                "bank_fill": self.bank.fill(),
+                "sim_gap": float(((b - a).abs() * mined).sum()) / max(n_mined, 1),
+            }
+        return KDOutput(loss=loss, stats=stats)
+
+    @torch.no_grad()
+    def after_step(self, batch: KDBatch) -> None:
+        self.bank.enqueue(batch.gathered_teacher(), batch.gathered_labels())
