@@ -1,6 +1,6 @@
 """IResNet of insightface arcface_torch, with the same state_dict so model-zoo weights load strictly.
 
-Beyond upstream: `input_size` (any multiple of 16; the fc adapts to the input_size/16 feature map) and
+Beyond upstream: `input_size` (any side >= 16; the fc adapts to the ceil(input_size/16) feature map) and
 `width` (a channel multiplier for tiny CPU models; 1.0 is upstream exactly). The embedding is float32
 whatever `fp16` says, because fc and features always run outside autocast.
 """
@@ -71,7 +71,7 @@ class IResNet(nn.Module):
         side = feature_map_side(input_size)
         channels = [scaled_channels(c, width) for c in STAGE_CHANNELS]
         self.fp16 = bool(fp16)
-        self.input_size = side * 16
+        self.input_size = int(input_size)
         self.width = float(width)
         self.extra_gflops = 0.0  # read by upstream's flops.py
 
@@ -140,15 +140,17 @@ def scaled_channels(channels, width):
 
 
 def feature_map_side(input_size):
-    """Side of the last feature map: every network here halves the input four times."""
+    """Side of the last feature map: four stride-2 3x3 convs (padding 1) each give ceil(n / 2), so ceil(n / 16).
+
+    112 gives upstream's 7; sizes that are not multiples of 16 (e.g. 56 -> 4) work too.
+    """
     try:
         size = None if isinstance(input_size, bool) else operator.index(input_size)
     except TypeError:
         size = None
-    if size is None or size < 16 or size % 16:
-        raise ConfigError(f"input_size must be a positive multiple of 16 (112 for insightface models), "
-                          f"got {input_size!r}")
-    return size // 16
+    if size is None or size < 16:
+        raise ConfigError(f"input_size must be an integer >= 16 (112 for insightface models), got {input_size!r}")
+    return -(-size // 16)
 
 
 def autocast_dtype(x):

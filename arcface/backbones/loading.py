@@ -60,20 +60,38 @@ def _read(path_or_state_dict, what):
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} weights file {path} does not exist"
                               + (" (it is a directory)" if os.path.isdir(path) else ""))
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{what} weights file {path} is not a PyTorch checkpoint (neither the zip format "
+                              f"of torch.save nor the legacy pickle format)")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{what} weights file {path} holds pickled Python objects, not just tensors, so it is not loaded "
             f"(a whole nn.Module saved with torch.save(model)?). If you trust it, load it yourself with "
-            f"torch.load(..., weights_only=False) and pass its state_dict(). Detail: {err}") from err
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for anything that is not a checkpoint
+            f"torch.load(..., weights_only=False) and pass its state_dict(). ({_gist(err)})") from err
+    except Exception as err:  # truncated or corrupt files: RuntimeError, EOFError, ...
         raise CheckpointError(f"{what} weights file {path} is not a readable PyTorch checkpoint "
-                              f"({type(err).__name__}: {err})") from err
+                              f"({type(err).__name__}: {_gist(err)})") from err
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{what} weights file {path} holds a {type(loaded).__name__}, "
                               f"expected a state dict or a dict with 'state_dict_backbone'")
     return path, loaded
+
+
+def _looks_like_torch_save(path):
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    return magic == b"PK\x03\x04" or magic[:1] == b"\x80"  # zip (torch >= 1.6) or pickle protocol >= 2
+
+
+def _gist(err):
+    """torch's load errors run to a page; keep the line that names the problem."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line
+    return lines[0] if lines else type(err).__name__
 
 
 def _backbone_part(loaded, source, what):

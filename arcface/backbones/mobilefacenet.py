@@ -94,7 +94,7 @@ class MobileFaceNet(nn.Module):
         side = feature_map_side(input_size)
         self.fp16 = bool(fp16)
         self.scale = scale
-        self.input_size = side * 16
+        self.input_size = int(input_size)
         self.width = float(width)
         narrow = scaled_channels(64 * scale, width)
         wide = scaled_channels(128 * scale, width)

@@ -124,7 +124,7 @@ def _to_int_labels(values, keys, offsets, rec_path):
     bad = np.flatnonzero(~np.isfinite(values) | (np.abs(values - labels) > 1e-3))
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{rec_path} key {int(keys[i])} at byte offset {int(offsets[i])}: label {values[i]!r} "
+        raise DataError(f"{rec_path} key {int(keys[i])} at byte offset {int(offsets[i])}: label {float(values[i]):g} "
                         "is not an integer class id")
     return labels
 

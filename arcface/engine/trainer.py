@@ -211,7 +211,7 @@ class Trainer:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.device)
         D.all_reduce_max(bad)
         if bad.item() > 0:
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise TrainingDiverged(
                 f"loss is not finite at global step {self.global_step} ({parts}); training stopped before the "
                 f"update, the last checkpoint in {self.cfg.output} is intact. Try a lower lr, fp16=False, or "
@@ -307,12 +307,13 @@ class Trainer:
         return self
 
     def close(self):
-        if self.writer is not None:
+        if getattr(self, "writer", None) is not None:
             self.writer.close()
-        ddp, mods = getattr(self, "ddp", None), getattr(self, "plugin_modules", [])
         self.ddp = None
         self.plugin_modules = []
-        D.teardown(ddp, *mods)
+        for plugin in getattr(self, "plugins", []):
+            plugin.bind_trainable([])
+        D.teardown()
 
 
 def train(cfg, train_loader=None):

@@ -174,7 +174,7 @@ def make_identity(seed, index):
         ang = rng.uniform(0, math.pi)
         freq = rng.uniform(0.15, 0.6)
         texture.append((float(freq * math.cos(ang)), float(freq * math.sin(ang)), float(rng.uniform(0, 2 * math.pi)),
-                        float(rng.uniform(0.012, 0.035))))
+                        float(rng.uniform(0.006, 0.02))))
     return Identity(
         seed=int(seed), index=int(index), params=params,
         hair_style=HAIR_STYLES[cats["hair_style"]], glasses=GLASSES[cats["glasses"]], beard=BEARDS[cats["beard"]],

@@ -8,7 +8,7 @@ frames: pass a separate `scene_rng` seeded by the media.
 """
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,8 +45,8 @@ class Nuisance:
     noise: float = 0.0            # Gaussian noise sigma, 0..255 scale
     grayscale: bool = False
     jpeg_quality: int = 95
-    detail_seed: int = 0          # seeds the per-pixel randomness (clutter, occluders, noise)
-    extra: dict = field(default_factory=dict)
+    detail_seed: int = 0          # seeds the per-image randomness (occluders, noise)
+    scene_seed: int = 0           # seeds the background pattern and clutter (shared by a media's frames)
 
     @classmethod
     def none(cls, background=(0.5, 0.5, 0.5)):
@@ -134,7 +134,7 @@ def sample_nuisance(rng, difficulty=0.5, pose_scale=1.0, mode="aligned", scene=N
         light_angle=light_angle, light_strength=light_strength, ambient=ambient, cast=cast, clothes=clothes,
         background=background, clutter=clutter, occluders=occluders, blur=blur, lowres=lowres, noise=noise,
         grayscale=grayscale, jpeg_quality=jpeg_quality, detail_seed=detail_seed,
-        extra={"scene_detail": scene_detail})
+        scene_seed=scene_detail)
 
 
 def detector_score(n):
