@@ -19,7 +19,7 @@ class FrozenTeacher(torch.nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone
-        self.backbone.eval()
+        super().train(False)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.last_ms = 0.0

@@ -1,0 +1,84 @@
+"""The UKD plugin inside the training loop: frozen teacher, strict loading, projector, state, logging."""
+import os
+
+import pytest
+import torch
+from easydict import EasyDict as edict
+
+from arcface.backbones import get_model
+from arcface.engine.trainer import train
+from arcface.errors import CheckpointError, ConfigError
+from engine_utils import TensorLoader, make_data
+from test_trainer import tiny_cfg
+
+
+def kd_section(teacher_path, **kw):
+    kd = edict(enabled=True, teacher_network="r18", teacher_weights=str(teacher_path), teacher_embedding_size=16,
+               teacher_network_kwargs={"width": 0.25}, teacher_check=False,
+               losses={"iled": {"weight": 1.0}, "rpsd": {"weight": 1.0, "bank": 64, "k_neg": 8, "require_positives": False}})
+    kd.update(kw)
+    return kd
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A teacher trained for a few steps by the engine itself (so its weights are a real model.pt)."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    images, labels = make_data()
+    cfg = tiny_cfg(tmp, network="r18", num_epoch=1)
+    train(cfg, TensorLoader(images, labels, 8))
+    return os.path.join(cfg.output, "model.pt")
+
+
+def test_kd_run_keeps_teacher_frozen_and_logs_terms(tmp_path, teacher_file):
+    images, labels = make_data()
+    before = torch.load(teacher_file, weights_only=True)
+    cfg = tiny_cfg(tmp_path, num_epoch=1, kd=kd_section(teacher_file))
+    trainer = train(cfg, TensorLoader(images, labels, 8))
+    plugin = trainer.plugins[0]
+    assert plugin.name == "ukd"
+    teacher = plugin.teacher
+    assert not teacher.training and not teacher.backbone.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()  # what a student-side .train() would do
+    assert not teacher.training and not teacher.backbone.training
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher changed: {k}"
+    log = open(os.path.join(cfg.output, "training.log")).read()
+    assert "kd/iled" in log and "kd/rpsd" in log and "teacher_ms" in log
+    assert "L = L_cls + 1.0 * iled" in log.replace("1 *", "1.0 *") or "iled(" in log
+    ckpt = torch.load(os.path.join(cfg.output, "checkpoint_gpu_0.pt"), weights_only=False)
+    state = ckpt["state_plugins"]["ukd"]
+    assert any("bank" in k for k in state["composer"])
+    model = torch.load(os.path.join(cfg.output, "model.pt"), weights_only=True)
+    assert set(model) == set(get_model("mbf", num_features=16, input_size=16, width=0.25).state_dict())
+
+
+def test_projector_when_sizes_differ_is_trained_saved_and_not_exported(tmp_path, teacher_file):
+    images, labels = make_data()
+    cfg = tiny_cfg(tmp_path, num_epoch=1, embedding_size=8, kd=kd_section(teacher_file))
+    trainer = train(cfg, TensorLoader(images, labels, 8))
+    proj = trainer.plugins[0].projector
+    assert proj is not None and tuple(proj.weight.shape) == (16, 8)
+    ckpt = torch.load(os.path.join(cfg.output, "checkpoint_gpu_0.pt"), weights_only=False)
+    assert torch.equal(ckpt["state_plugins"]["ukd"]["projector"]["weight"], proj.weight.detach())
+    model = torch.load(os.path.join(cfg.output, "model.pt"), weights_only=True)
+    assert not any("proj" in k for k in model)
+
+
+def test_bad_teacher_settings_fail_at_start(tmp_path, teacher_file):
+    images, labels = make_data()
+    loader = TensorLoader(images, labels, 8)
+    with pytest.raises(CheckpointError):  # weights of another network
+        train(tiny_cfg(tmp_path / "a", kd=kd_section(teacher_file, teacher_network="r34")), loader)
+    with pytest.raises(CheckpointError, match="does not exist|not found"):
+        train(tiny_cfg(tmp_path / "b", kd=kd_section(tmp_path / "missing.pt")), loader)
+    with pytest.raises(ConfigError, match="teacher_weights"):
+        train(tiny_cfg(tmp_path / "c", kd=kd_section(teacher_file, teacher_weights=None)), loader)
+    with pytest.raises(ConfigError, match="did you mean 'teacher_network'"):
+        train(tiny_cfg(tmp_path / "d", kd=kd_section(teacher_file, teacher_netwrk="r18")), loader)
+    with pytest.raises(ConfigError, match="ilde|iled"):
+        train(tiny_cfg(tmp_path / "e", kd=kd_section(teacher_file, losses={"ilde": {"weight": 1}})), loader)
+    with pytest.raises(ConfigError, match="bank"):  # bank smaller than the global batch
+        train(tiny_cfg(tmp_path / "f", kd=kd_section(teacher_file, losses={"rpsd": {"weight": 1, "bank": 4, "require_positives": False}})),
+              loader)
