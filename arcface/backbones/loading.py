@@ -25,6 +25,7 @@ def load_backbone_weights(model, path_or_state_dict, strict=True, what="backbone
     `num_batches_tracked` (files converted from other frameworks) is never an error: it is a counter,
     not a weight.
     """
+    model = _unwrap_model(model)
     source, loaded = _read(path_or_state_dict, what)
     network = getattr(model, "network", type(model).__name__)
     state = _strip_wrappers(_backbone_part(loaded, source, what))
@@ -51,6 +52,17 @@ def load_backbone_weights(model, path_or_state_dict, strict=True, what="backbone
                               + "; ".join(problems) + _hint(expected, state, mismatched))
     usable = {k: v for k, v in state.items() if k in expected}
     return model.load_state_dict(usable, strict=False)
+
+
+def _unwrap_model(model):
+    """Load into the network itself when given its DistributedDataParallel / DataParallel / compiled wrapper."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _read(path_or_state_dict, what):
