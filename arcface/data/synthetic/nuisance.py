@@ -38,6 +38,7 @@ class Nuisance:
     cast: tuple = (1.0, 1.0, 1.0)
     clothes: tuple = (0.3, 0.3, 0.35)
     background: tuple = (0.5, 0.5, 0.5)  # base colour of the background
+    background_texture: float = 0.0  # amplitude of the smooth colour variation over the background
     clutter: int = 0              # number of background shapes
     occluders: int = 0            # number of occluding patches over the face
     blur: float = 0.0             # Gaussian sigma in pixels at 112 (scaled to the size)
@@ -98,6 +99,7 @@ def sample_nuisance(rng, difficulty=0.5, pose_scale=1.0, mode="aligned", scene=N
     cast = tuple(float(c) for c in np.exp(sc.normal(0.0, 0.07 * d, size=3)))
     clothes = tuple(float(c) for c in sc.uniform(0.05, 0.9, size=3))
     background = tuple(float(c) for c in sc.uniform(0.1, 0.9, size=3))
+    background_texture = float(sc.uniform(0.05, 0.25))
     clutter = int(sc.integers(0, 1 + int(round(6 * d)))) if d > 0 else 0
     glasses_on = bool(sc.random() < 0.85)
     scene_detail = int(sc.integers(0, 2**31 - 1))
@@ -132,9 +134,9 @@ def sample_nuisance(rng, difficulty=0.5, pose_scale=1.0, mode="aligned", scene=N
         yaw=yaw, pitch=pitch, roll=roll, scale=scale, shift=shift, place=place, smile=smile,
         mouth_open=mouth_open, eye_closure=eye_closure, brow_raise=brow_raise, gaze=gaze, glasses_on=glasses_on,
         light_angle=light_angle, light_strength=light_strength, ambient=ambient, cast=cast, clothes=clothes,
-        background=background, clutter=clutter, occluders=occluders, blur=blur, lowres=lowres, noise=noise,
-        grayscale=grayscale, jpeg_quality=jpeg_quality, detail_seed=detail_seed,
-        scene_seed=scene_detail)
+        background=background, background_texture=background_texture, clutter=clutter, occluders=occluders,
+        blur=blur, lowres=lowres, noise=noise, grayscale=grayscale, jpeg_quality=jpeg_quality,
+        detail_seed=detail_seed, scene_seed=scene_detail)
 
 
 def detector_score(n):

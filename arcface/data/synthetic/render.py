@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 
 from ...errors import ConfigError
 from .identity import make_identity
-from .nuisance import Nuisance, detector_score, sample_nuisance, sample_rng
+from .nuisance import detector_score, sample_nuisance, sample_rng
 
 ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                                  [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
@@ -254,7 +254,8 @@ def _draw_background(img, n, xg, yg, size):
     h, w = img.shape[:2]
     rng = np.random.default_rng(n.scene_seed)
     g = 3
-    grid = np.clip(np.asarray(n.background, dtype=np.float32) + rng.uniform(-0.22, 0.22, size=(g, g, 3)), 0, 1)
+    jitter = rng.uniform(-1.0, 1.0, size=(g, g, 3)) * n.background_texture
+    grid = np.clip(np.asarray(n.background, dtype=np.float32) + jitter, 0, 1)
     wy = np.clip(1.0 - np.abs(np.linspace(0, g - 1, h)[:, None] - np.arange(g)[None, :]), 0, 1).astype(np.float32)
     wx = np.clip(1.0 - np.abs(np.linspace(0, g - 1, w)[:, None] - np.arange(g)[None, :]), 0, 1).astype(np.float32)
     field = wy[None] @ grid.astype(np.float32).transpose(2, 0, 1) @ wx.T[None]  # (3, h, w)
