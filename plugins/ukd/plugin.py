@@ -15,7 +15,7 @@ from plugins.registry import Plugin, register_plugin
 
 from .batch import KDBatch
 from .config import resolve_kd_config
-from .teacher import build_teacher
+from .teacher_backends import build_teacher_backend
 
 log = logging.getLogger("arcface")
 
@@ -54,7 +54,7 @@ class UKDPlugin(Plugin):
         cfg = self.cfg
         self.device = ctx.device
         self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.teacher = build_teacher(self.kd, bool(cfg.fp16), ctx.device, cfg.input_size)
+        self.teacher = build_teacher_backend(self.kd, cfg, ctx)
         self.composer.to(ctx.device)
         self.composer.check(cfg.batch_size * ctx.world_size, cfg.sampler == "pk")
         if ctx.rank == 0:
@@ -82,9 +82,11 @@ class UKDPlugin(Plugin):
             log.warning("UKD: teacher sanity check skipped: no .bin verification set found "
                         f"({', '.join(paths) or 'no targets configured'})")
             return "SKIP"
-        from arcface.eval.embedder import TorchEmbedder
         from arcface.eval.verification import evaluate_verification, load_bin
-        embedder = TorchEmbedder(self.teacher.backbone, self.device)
+        embedder = self.teacher.embedder()
+        if embedder is None:
+            log.info("UKD: teacher sanity check skipped: the teacher backend cannot embed new images")
+            return "SKIP"
         for name, path in present:
             data = load_bin(path, input_size=cfg.input_size)
             result = evaluate_verification(embedder, data, batch_size=cfg.val_batch_size)
@@ -100,7 +102,7 @@ class UKDPlugin(Plugin):
 
     # ---- per step ------------------------------------------------------------------------------
     def after_forward(self, batch):
-        teacher = self.teacher(batch.images)
+        teacher = self.teacher(batch.images, index=batch.index, flip=batch.flip)
         student = batch.embeddings.float()
         if self.projector_wrapped is not None:
             student = self.projector_wrapped(student)
