@@ -29,7 +29,8 @@ class RPSDLoss(KDLoss):
         k_neg: hard negatives per anchor, ranked by teacher similarity (256).
         k_rand: random extra negatives per anchor, fixed by (seed, step, anchor) (0).
         form: 'mse' = mean over R_i of w_j (b_ij - a_ij)^2, then mean over anchors (default);
-              'kl' = sum over R_i of w_j p_j log(p_j / q_j), p = softmax(a / tau_t), q = softmax(b / tau_s).
+              'kl' = sum over R_i of w_j p_j log(p_j / q_j), p = softmax(a / tau_t), q = softmax(b / tau_s)
+              over R_i (no tau^2 factor; equal weights give the plain KL).
         tau_t: 'kl' teacher temperature (0.1).
         tau_s: 'kl' student temperature (0.02).
         w_pos: weight of positive keys (1.0).
@@ -112,24 +113,25 @@ class RPSDLoss(KDLoss):
             if self.k_rand > 0:
                 neg |= random_negative_mask(cand & ~neg, self.k_rand, self.seed, batch.step, anchors)
             mined = pos | neg
-            weight = pos.to(dtype) * self.w_pos + neg.to(dtype) * self.w_neg
-            count = mined.sum(dim=1)
+            weight = torch.where(pos, self.w_pos, 0.0).to(dtype).masked_fill_(neg, self.w_neg)
+            n_pos, n_neg = pos.sum(dim=1), neg.sum(dim=1)   # disjoint: same label vs other label
+            count = n_pos + n_neg
 
+        diff = b - a
         if self.form == "mse":
-            per_anchor = (weight * (b - a).pow(2)).sum(dim=1) / count.clamp(min=1)
+            per_anchor = (weight * diff.pow(2)).sum(dim=1) / count.clamp(min=1)
         else:
-            log_p = F.log_softmax((a / self.tau_t).masked_fill(~mined, _FAR), dim=1)
+            log_p = F.log_softmax((a / self.tau_t).masked_fill_(~mined, _FAR), dim=1)
             log_q = F.log_softmax((b / self.tau_s).masked_fill(~mined, _FAR), dim=1)
             per_anchor = (weight * log_p.exp() * (log_p - log_q)).sum(dim=1)
         loss = per_anchor.mean()
 
         with torch.no_grad():
-            n_mined = int(count.sum())
             stats = {
-                "pos_per_anchor": float(pos.sum()) / batch.local_size,
-                "neg_per_anchor": float(neg.sum()) / batch.local_size,
+                "pos_per_anchor": float(n_pos.sum()) / batch.local_size,
+                "neg_per_anchor": float(n_neg.sum()) / batch.local_size,
                 "bank_fill": self.bank.fill(),
-                "sim_gap": float(((b - a).abs() * mined).sum()) / max(n_mined, 1),
+                "sim_gap": float(diff.detach().abs().masked_fill_(~mined, 0).sum()) / max(int(count.sum()), 1),
             }
         return KDOutput(loss=loss, stats=stats)
 

@@ -1,0 +1,149 @@
+"""What ILED + RPSD add to a training step: their forward + backward (+ the bank enqueue) at the paper-scale
+setting (global batch 512, 512-d, bank 65536, 256 hard negatives per anchor) against one MobileFaceNet
+training step at the same batch, measured side by side in one run.
+
+    python benchmarks/bench_kd_losses.py                    # CPU or the first GPU
+    python benchmarks/bench_kd_losses.py --mbf-batch 64     # time MBF on 64 images and scale to --batch
+
+On CPU the MobileFaceNet step at 512 images is slow; --mbf-batch times a smaller batch and scales linearly
+(printed as such). The teacher forward is not included: it is the same for every KD loss.
+"""
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from plugins.ukd.batch import KDBatch
+from plugins.ukd.composer import KDComposer
+
+
+def machine(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return (f"{platform.platform()} | {name} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | "
+            f"torch {torch.__version__} | load average {os.getloadavg()[0]:.1f} (other jobs share the machine)")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times), sum(times) / len(times)
+
+
+def mobilefacenet():
+    """The engine's MobileFaceNet, or a stand-in of similar shape when the engine does not have it yet."""
+    try:
+        from arcface.backbones import get_model
+        return get_model("mbf", num_features=512), "arcface.backbones.get_model('mbf')"
+    except Exception as err:  # noqa: BLE001 - a benchmark must run on an unfinished tree too
+        return _stand_in_mbf(), f"STAND-IN for MobileFaceNet (get_model('mbf') failed: {err})"
+
+
+def _stand_in_mbf():
+    def block(cin, cout, stride):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cin * 2, 1, bias=False), torch.nn.BatchNorm2d(cin * 2), torch.nn.PReLU(cin * 2),
+            torch.nn.Conv2d(cin * 2, cin * 2, 3, stride, 1, groups=cin * 2, bias=False),
+            torch.nn.BatchNorm2d(cin * 2), torch.nn.PReLU(cin * 2),
+            torch.nn.Conv2d(cin * 2, cout, 1, bias=False), torch.nn.BatchNorm2d(cout))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(64), torch.nn.PReLU(64),
+        block(64, 64, 2), block(64, 64, 1), block(64, 128, 2), block(128, 128, 1), block(128, 128, 2),
+        block(128, 128, 1), torch.nn.Conv2d(128, 512, 1, bias=False), torch.nn.BatchNorm2d(512),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(512, 512))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=512, help="global batch of the KD losses")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--bank", type=int, default=65536)
+    parser.add_argument("--k-neg", type=int, default=256)
+    parser.add_argument("--identities", type=int, default=85742, help="label range of the bank (MS1MV2 size)")
+    parser.add_argument("--mbf-batch", type=int, default=None, help="images per MBF step (default: --batch)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"machine: {machine(device)}")
+
+    spec = {"iled": {"weight": 10.0}, "rpsd": {"weight": 10.0, "bank": args.bank, "k_neg": args.k_neg}}
+    composer = KDComposer(spec).to(device)
+    print(f"KD: {composer.formula()}")
+    fill = torch.randn(args.bank, args.dim, device=device)
+    fill_labels = torch.randint(0, args.identities, (args.bank,), device=device)
+    composer.after_step(KDBatch(student=fill, teacher=fill, labels=fill_labels))
+    # P x K batch: 4 images per identity, so RPSD sees positives as with cfg.sampler='pk'
+    labels = torch.arange(args.batch // 4, device=device).repeat_interleave(4)
+    teacher = torch.randn(args.batch, args.dim, device=device)
+    student = (teacher + torch.randn_like(teacher)).requires_grad_(True)
+    step = {"n": 1}
+
+    def kd_step(names):
+        def run():
+            batch = KDBatch(student=student, teacher=teacher, labels=labels, step=step["n"])
+            total = sum(composer.weight_at(n, batch.step) * composer.terms[n](batch).loss for n in names)
+            total.backward()
+            student.grad = None
+            for n in names:
+                composer.terms[n].after_step(batch)
+            step["n"] += 1
+        return run
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    both = timed(kd_step(["iled", "rpsd"]), device, args.repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    iled = timed(kd_step(["iled"]), device, args.repeats)
+    rpsd = timed(kd_step(["rpsd"]), device, args.repeats)
+
+    model, source = mobilefacenet()
+    model = model.to(device).train()
+    head = torch.nn.Linear(512, 1000, bias=False).to(device)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.1, momentum=0.9)
+    mbf_batch = args.mbf_batch or args.batch
+    images = torch.randn(mbf_batch, 3, 112, 112, device=device)
+    targets = torch.randint(0, 1000, (mbf_batch,), device=device)
+
+    def mbf_step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(head(model(images)), targets)
+        loss.backward()
+        opt.step()
+
+    mbf = timed(mbf_step, device, max(1, args.repeats - 1))
+    scale = args.batch / mbf_batch
+    mbf_at_batch = mbf[0] * scale
+
+    print(f"MobileFaceNet: {source}")
+    print(f"settings: batch {args.batch}, dim {args.dim}, bank {args.bank} (full), k_neg {args.k_neg}, "
+          f"{args.repeats} timed repeats (min / mean), device {device}")
+    print(f"{'what':48s} {'min s':>9s} {'mean s':>9s}")
+    print(f"{'ILED fwd+bwd':48s} {iled[0]:9.4f} {iled[1]:9.4f}")
+    print(f"{'RPSD fwd+bwd+enqueue':48s} {rpsd[0]:9.4f} {rpsd[1]:9.4f}")
+    print(f"{'ILED + RPSD fwd+bwd+enqueue':48s} {both[0]:9.4f} {both[1]:9.4f}")
+    label = f"MBF train step, {mbf_batch} images" + (f" (x{scale:g} -> {args.batch})" if scale != 1 else "")
+    print(f"{label:48s} {mbf[0]:9.4f} {mbf[1]:9.4f}")
+    if scale != 1:
+        print(f"{'MBF train step at ' + str(args.batch) + ' images, scaled linearly':48s} {mbf_at_batch:9.4f}")
+    print(f"ratio (ILED + RPSD) / (MBF step at batch {args.batch}): {both[0] / mbf_at_batch:.3f}")
+    if peak is not None:
+        print(f"peak GPU memory during ILED + RPSD (bank included): {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
