@@ -1,0 +1,133 @@
+"""One call shape for every model the evaluations run: `embedder(batch) -> np.float32 [B, d]`.
+
+A batch is [B, 3, S, S] RGB. uint8 batches are normalised here with upstream's (x / 255 - 0.5) / 0.5;
+floating batches are taken as already normalised. Keeping images uint8 until this point is what keeps
+the .bin sets and IJB crops small in memory.
+"""
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError, DataError
+
+
+def normalise_uint8(batch):
+    """(x / 255 - 0.5) / 0.5 as float32, the arcface_torch input convention."""
+    return (np.asarray(batch, dtype=np.float32) / 255.0 - 0.5) / 0.5
+
+
+def _as_numpy_batch(batch):
+    if isinstance(batch, torch.Tensor):
+        batch = batch.detach().cpu().numpy()
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise DataError(f"expected an image batch [B, 3, S, S], got shape {list(batch.shape)}")
+    return batch
+
+
+class TorchEmbedder:
+    """Runs a torch module under no_grad on `device` (default: where its parameters live).
+
+    The caller owns the train / eval mode: the verification callback switches it, the tools build the
+    model in eval mode.
+    """
+
+    def __init__(self, module, device=None):
+        self.module = module
+        if device is None:
+            first = next(iter(module.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        size = getattr(module, "input_size", None)
+        self.input_size = int(size) if isinstance(size, (int, np.integer)) else None
+        self.source = getattr(module, "network", type(module).__name__)
+
+    def check_input_size(self, size, what="the data"):
+        if self.input_size is not None and int(size) != self.input_size:
+            raise ConfigError(f"{self.source} was built for {self.input_size}x{self.input_size} input but "
+                              f"{what} is {size}x{size}; rebuild it with input_size={size} or resize the data")
+
+    def __call__(self, batch):
+        batch = _as_numpy_batch(batch)
+        self.check_input_size(batch.shape[-1], "the batch")
+        data = normalise_uint8(batch) if batch.dtype == np.uint8 else np.asarray(batch, dtype=np.float32)
+        with torch.no_grad():
+            out = self.module(torch.from_numpy(np.ascontiguousarray(data)).to(self.device))
+        return out.detach().float().cpu().numpy()
+
+
+class OnnxEmbedder:
+    """onnxruntime (CPU) session of an exported backbone; its input size is read from the graph."""
+
+    def __init__(self, path, providers=("CPUExecutionProvider",)):
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ConfigError(f"evaluating {path} needs onnxruntime (pip install onnxruntime)") from err
+        if not os.path.isfile(path):
+            raise CheckpointError(f"ONNX model {path} does not exist")
+        self.path = str(path)
+        self.source = self.path
+        try:
+            self.session = ort.InferenceSession(self.path, providers=list(providers))
+        except Exception as err:  # onnxruntime raises its own exception types for corrupt graphs
+            raise CheckpointError(f"cannot load ONNX model {path}: {err}") from err
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            shapes = [(i.name, i.shape) for i in inputs]
+            raise CheckpointError(f"ONNX model {path} must take one [B, 3, S, S] input, it takes {shapes}")
+        self.input_name = inputs[0].name
+        height, width = inputs[0].shape[2], inputs[0].shape[3]
+        self.input_size = int(height) if isinstance(height, int) and height == width else None
+        self.output_name = self.session.get_outputs()[0].name
+
+    def check_input_size(self, size, what="the data"):
+        if self.input_size is not None and int(size) != self.input_size:
+            raise DataError(f"ONNX model {self.path} expects {self.input_size}x{self.input_size} input but "
+                            f"{what} is {size}x{size}")
+
+    def __call__(self, batch):
+        batch = _as_numpy_batch(batch)
+        self.check_input_size(batch.shape[-1], "the batch")
+        data = normalise_uint8(batch) if batch.dtype == np.uint8 else np.asarray(batch, dtype=np.float32)
+        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(data)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def upstream_alias(network):
+    """Upstream's docs say `--network iresnet50`, which its get_model never accepted; read it as r50."""
+    match = re.fullmatch(r"iresnet(\d+)", str(network))
+    return f"r{match.group(1)}" if match else network
+
+
+def build_network(network, checkpoint, input_size=112, network_kwargs=None):
+    """get_model(network, ...) with weights from `checkpoint` (strict), in eval mode on the CPU."""
+    from arcface.backbones import get_model, load_backbone_weights  # lazy: the tools import this module early
+
+    kwargs = {"dropout": 0.0, "fp16": False, "input_size": int(input_size)}
+    extra = dict(network_kwargs or {})
+    if "input_size" in extra and int(extra["input_size"]) != int(input_size):
+        raise ConfigError(f"--network-kwargs input_size={extra['input_size']} contradicts --input-size {input_size}")
+    kwargs.update(extra)
+    model = get_model(upstream_alias(network), **kwargs)
+    load_backbone_weights(model, checkpoint, strict=True)
+    return model.eval()
+
+
+def build_embedder(model_path, network=None, input_size=112, network_kwargs=None, device=None):
+    """A .onnx file gives an OnnxEmbedder; anything else is a torch checkpoint for `network`."""
+    if str(model_path).lower().endswith(".onnx"):
+        embedder = OnnxEmbedder(model_path)
+    else:
+        if not network:
+            raise ConfigError(f"--network is needed to build a model for the checkpoint {model_path}")
+        device = torch.device(device) if device is not None else default_device()
+        embedder = TorchEmbedder(build_network(network, model_path, input_size, network_kwargs).to(device), device)
+    embedder.check_input_size(input_size, "--input-size")
+    return embedder
