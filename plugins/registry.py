@@ -44,6 +44,9 @@ def enabled_plugins(cfg):
     names = [n for n, _ in entries]
     for name, key in _CONFIG_KEYS.items():
         section = cfg.get(key)
+        validate = getattr(PLUGINS.get(name), "validate_section", None)
+        if isinstance(section, dict) and validate is not None:
+            validate(section)  # unknown keys are errors even while the plugin is off
         if isinstance(section, dict) and section.get("enabled", False) and name not in names:
             entries.append((name, {}))
     return entries

@@ -107,6 +107,15 @@ def test_every_key_is_in_docs_configs_md():
     assert not missing, f"keys missing from docs/configs.md: {missing}"
 
 
+def test_docs_configs_md_is_generated_from_the_code():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "tools" / "gen_config_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "configs.md").read_text() == module.render(), \
+        "docs/configs.md is stale: run python tools/gen_config_docs.py"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     if path.name == "base.py":

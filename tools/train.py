@@ -23,6 +23,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        from plugins.registry import enabled_plugins
+        enabled_plugins(cfg)  # plugin sections (e.g. kd) validated before any process group or data work
         train(cfg)
     except UKDError as exc:
         print(f"error: {exc}", file=sys.stderr)

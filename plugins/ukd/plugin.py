@@ -43,6 +43,10 @@ class UKDPlugin(Plugin):
         self._stats = {}
         self._stat_counts = {}
 
+    @staticmethod
+    def validate_section(section):
+        resolve_kd_config(section)
+
     # ---- set-up ---------------------------------------------------------------------------
     def trainable_modules(self):
         return [self.projector] if self.projector is not None else []
@@ -58,7 +62,7 @@ class UKDPlugin(Plugin):
         self.composer.to(ctx.device)
         self.composer.check(cfg.batch_size * ctx.world_size, cfg.sampler == "pk")
         if ctx.rank == 0:
-            log.info(f"UKD: teacher {self.kd.teacher_network} from {self.kd.teacher_weights}"
+            log.info(f"UKD: teacher {getattr(self.teacher, 'description', self.kd.teacher_weights)}"
                      f"{', projector ' + str(tuple(self.projector.weight.shape[::-1])) if self.projector is not None else ''}")
             log.info(f"UKD: {self.composer.formula()}")
         if self.kd.teacher_check:
