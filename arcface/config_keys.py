@@ -62,6 +62,8 @@ ENGINE_KEYS = {
     "pretrained_backbone": "path of a model.pt/backbone.pth to initialise the backbone from (strict load)",
     "max_steps": "stop after this many global steps (None: num_epoch epochs)",
     "save_every_steps": "also write checkpoints every N global steps (0: only at the end of each epoch)",
+    "channels_last": "channels-last memory format for the backbones and their inputs (faster convolutions on CPU "
+                     "and tensor cores)",
     "flip": "random horizontal flip of training images",
     "sampler": "random (upstream's distributed sampler) or pk (P identities x K images per batch)",
     "pk_k": "pk sampler: images per identity in a batch",

@@ -70,6 +70,7 @@ config.network_kwargs = {}
 config.pretrained_backbone = None
 config.max_steps = None
 config.save_every_steps = 0
+config.channels_last = False
 config.flip = True
 config.sampler = "random"
 config.pk_k = 4

@@ -13,6 +13,6 @@ config.kd = edict(
     teacher_network_kwargs={"width": 0.5},
     teacher_weights="work_dirs/synth_teacher/model.pt",
     teacher_embedding_size=128,
-    teacher_min_accuracy=0.8,
+    teacher_min_accuracy=0.8,          # the sanity check before step 0, on val_targets
     losses={"fc": {"weight": 10.0}},
 )

@@ -112,7 +112,7 @@ class UKDGraft:
     def _wrap(self, module):
         if self.world_size <= 1 or not torch.distributed.is_initialized():
             return module
-        kwargs = dict(broadcast_buffers=False)
+        kwargs = {}  # a Linear projector has no buffers to broadcast
         if self.device.type == "cuda":
             kwargs["device_ids"] = [self.device.index]
         return torch.nn.parallel.DistributedDataParallel(module, **kwargs)

@@ -5,6 +5,7 @@ plugin.after_forward terms -> (total / gradient_acc).backward() (no DDP sync unt
 Per optimizer step: unscale -> clip -> optimizer -> scheduler -> plugin.after_step -> log / verify / save.
 """
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -84,6 +85,8 @@ class Trainer:
             cfg.total_step = min(cfg.total_step, int(cfg.max_steps)) if cfg.num_epoch else int(cfg.max_steps)
 
         self.backbone = build_backbone(cfg).to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.backbone = self.backbone.to(memory_format=self.memory_format)
         if cfg.pretrained_backbone:
             from ..backbones.loading import load_backbone_weights
             load_backbone_weights(self.backbone, cfg.pretrained_backbone, strict=True, what="pretrained_backbone")
@@ -135,7 +138,10 @@ class Trainer:
     def _wrap(self, module):
         if self.world_size == 1:
             return module
-        kwargs = dict(broadcast_buffers=False, bucket_cap_mb=16)
+        # upstream's broadcast_buffers=False: BN statistics stay per rank (renamed in recent torch)
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        kwargs = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False,
+                  "bucket_cap_mb": 16}
         if self.device.type == "cuda":
             kwargs["device_ids"] = [self.device.index]
         return DistributedDataParallel(module, **kwargs)
@@ -237,6 +243,8 @@ class Trainer:
                 if batch_idx >= batches_this_epoch:
                     break
                 last_micro = (micro + 1) == acc
+                if self.memory_format is torch.channels_last:
+                    batch.images = batch.images.contiguous(memory_format=torch.channels_last)
                 with self._sync_context(last_micro):
                     embeddings = self.ddp(batch.images)
                     loss_cls = self.pfc(embeddings, batch.labels)

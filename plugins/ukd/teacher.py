@@ -36,7 +36,7 @@ class FrozenTeacher(torch.nn.Module):
         return out.float().clone()
 
 
-def build_teacher(kd, fp16, device, input_size=112):
+def build_teacher(kd, fp16, device, input_size=112, channels_last=False):
     if not kd.get("teacher_network"):
         raise ConfigError("kd.teacher_network is not set (e.g. 'r100'); the KD plugin needs a teacher")
     if not kd.get("teacher_weights"):
@@ -46,4 +46,5 @@ def build_teacher(kd, fp16, device, input_size=112):
                          input_size=input_size,
                          **dict(kd.get("teacher_network_kwargs") or {}))
     load_backbone_weights(backbone, kd.teacher_weights, strict=True, what="teacher")
-    return FrozenTeacher(backbone).to(device)
+    teacher = FrozenTeacher(backbone).to(device)
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher

@@ -38,7 +38,7 @@ PROBE_BATCH = 2  # images in the start-up probe run of an ONNX teacher
 class TorchTeacherBackend:
     def __init__(self, kd, cfg, ctx):
         self.device = ctx.device
-        self.model = build_teacher(kd, bool(cfg.fp16), ctx.device, cfg.input_size)
+        self.model = build_teacher(kd, bool(cfg.fp16), ctx.device, cfg.input_size, bool(cfg.get("channels_last")))
         self.description = f"{kd.teacher_network} from {kd.teacher_weights}"
 
     @property
