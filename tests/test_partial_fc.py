@@ -139,7 +139,9 @@ def _worker(rank, world, init_file, data, out_q):
     xs, ls = x[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b]
     loss = pfc(model(xs), ls)
     loss.backward()
-    out_q.put((rank, float(loss), backbone.weight.grad.clone(), pfc.class_start, pfc.weight.grad.clone()))
+    # numpy copies travel by value; torch tensors would travel as file descriptors that die with this process
+    out_q.put((rank, float(loss.detach()), backbone.weight.grad.numpy().copy(), pfc.class_start,
+               pfc.weight.grad.numpy().copy()))
     del model
     import gc
     gc.collect()
@@ -155,6 +157,7 @@ def _run(world, tmp_path, data):
     for p in procs:
         p.start()
     results = [q.get(timeout=120) for _ in procs]
+    results = [(r, loss, torch.from_numpy(g), start, torch.from_numpy(gw)) for r, loss, g, start, gw in results]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
