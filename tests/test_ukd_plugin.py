@@ -82,3 +82,36 @@ def test_bad_teacher_settings_fail_at_start(tmp_path, teacher_file):
     with pytest.raises(ConfigError, match="bank"):  # bank smaller than the global batch
         train(tiny_cfg(tmp_path / "f", kd=kd_section(teacher_file, losses={"rpsd": {"weight": 1, "bank": 4, "require_positives": False}})),
               loader)
+
+
+def _write_bin(path, pairs=40, size=16, seed=0):
+    """A .bin of random images: no teacher can verify these, so accuracy stays near chance."""
+    import io
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    bins = []
+    for _ in range(2 * pairs):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        bins.append(buf.getvalue())
+    with open(path, "wb") as f:
+        pickle.dump((bins, [bool(i % 2) for i in range(pairs)]), f)
+
+
+def test_teacher_sanity_check_stops_a_poor_teacher_before_step_0(tmp_path, teacher_file):
+    images, labels = make_data()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write_bin(data_dir / "noise.bin")
+    kd = kd_section(teacher_file, teacher_check=True, teacher_check_targets=["noise"], teacher_min_accuracy=0.9)
+    cfg = tiny_cfg(tmp_path / "run", rec=str(data_dir), kd=kd)
+    with pytest.raises(ConfigError, match="teacher sanity check failed.*noise.bin"):
+        train(cfg, TensorLoader(images, labels, 8))
+    assert not os.path.exists(os.path.join(cfg.output, "model.pt"))  # nothing trained, nothing written
+    cfg = tiny_cfg(tmp_path / "run2", rec=str(data_dir), kd=kd_section(
+        teacher_file, teacher_check=True, teacher_check_targets=["noise"], teacher_min_accuracy=0.0), num_epoch=1)
+    train(cfg, TensorLoader(images, labels, 8))  # a threshold the teacher meets: training runs
+    assert "teacher sanity check [noise]" in open(os.path.join(cfg.output, "training.log")).read()

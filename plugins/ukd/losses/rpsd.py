@@ -15,6 +15,40 @@ FORMS = ("mse", "kl")
 _FAR = -1e9  # a finite "minus infinity": masked logits must not turn 0 * inf into NaN gradients
 
 
+def mined_indices(mined, count):
+    """Row-wise column indices of a boolean [b, N] mask, left-aligned into [b, M] (M = most per row), and
+    which of those slots are real; padding slots point at column 0 and are masked out by the caller."""
+    rows, cols = mined.nonzero(as_tuple=True)              # row-major: each row's columns ascending
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    starts = torch.cumsum(count, 0) - count
+    slot = torch.arange(rows.numel(), device=mined.device) - starts[rows]
+    idx = torch.zeros(mined.shape[0], width, dtype=torch.long, device=mined.device)
+    idx[rows, slot] = cols
+    used = torch.arange(width, device=mined.device)[None, :] < count[:, None]
+    return idx, used
+
+
+def _chunk_similarities(student, keys, idx):
+    return torch.einsum("bd,bmd->bm", student, keys[idx])
+
+
+def mined_similarities(student, keys, idx, chunk=64, keep_bytes=256 * 2 ** 20):
+    """<s_i, k_idx[i, m]> as [b, M] with gradient to the student, anchors in chunks. When the gathered keys of
+    the whole batch would exceed keep_bytes they are recomputed in backward (checkpoint) instead of kept, so
+    memory stays bounded by chunk x M x d; below it they are kept (faster)."""
+    from torch.utils.checkpoint import checkpoint
+
+    recompute = idx.numel() * keys.shape[1] * keys.element_size() > keep_bytes
+    parts = []
+    for start in range(0, student.shape[0], chunk):
+        s, i = student[start:start + chunk], idx[start:start + chunk]
+        if recompute and torch.is_grad_enabled() and s.requires_grad:
+            parts.append(checkpoint(_chunk_similarities, s, keys, i, use_reentrant=False))
+        else:
+            parts.append(_chunk_similarities(s, keys, i))
+    return torch.cat(parts, 0) if parts else student.new_zeros(0, idx.shape[1])
+
+
 @register_kd_loss("rpsd")
 class RPSDLoss(KDLoss):
     """Match the student's similarities to teacher keys with the teacher's own, on mined keys.
@@ -22,7 +56,8 @@ class RPSDLoss(KDLoss):
     For local anchor i the keys are the valid bank entries plus the all-gathered current teacher batch,
     minus anchor i itself; a_ij = <t^_i, k_j> (teacher), b_ij = <s^_i, k_j> (student). Mined set
     R_i = positives (every key with y_j = y_i) + the k_neg other-label keys the teacher finds most similar
-    + k_rand random other-label keys. Only [b, keys] similarity matrices are built, never [b, keys, d].
+    + k_rand random other-label keys. The teacher's [b, keys] similarities are built for mining; the student's
+    only at the mined keys, in chunks of anchors, so nothing of size [b, keys, d] exists.
 
     Parameters (config keys):
         bank: memory bank slots of teacher embeddings (16384); must be >= the global batch size.
@@ -104,8 +139,7 @@ class RPSDLoss(KDLoss):
         teacher = F.normalize(batch.teacher.detach().to(dtype), dim=1)
         keys, key_labels, valid, anchors = self._keys(batch, dtype)
 
-        a = teacher @ keys.t()                                  # [b, N], no gradient
-        b = student @ keys.t()                                  # [b, N], gradient to the student
+        a = teacher @ keys.t()                                  # [b, N], no gradient: mining needs every key
         with torch.no_grad():
             pos = positive_mask(batch.labels, key_labels, valid)
             cand = negative_candidates(batch.labels, key_labels, valid)
@@ -116,14 +150,20 @@ class RPSDLoss(KDLoss):
             weight = torch.where(pos, self.w_pos, 0.0).to(dtype).masked_fill_(neg, self.w_neg)
             n_pos, n_neg = pos.sum(dim=1), neg.sum(dim=1)   # disjoint: same label vs other label
             count = n_pos + n_neg
+            idx, used = mined_indices(mined, count)         # [b, M]: the mined keys of each anchor, padded
+            a_sel = a.gather(1, idx)
+            w_sel = weight.gather(1, idx) * used
+        # The student's similarities are needed at the mined keys only (k_neg + positives of N): computing
+        # them there instead of as a full [b, N] product cuts RPSD's cost by about two thirds.
+        b_sel = mined_similarities(student, keys, idx)
 
-        diff = b - a
+        diff = b_sel - a_sel
         if self.form == "mse":
-            per_anchor = (weight * diff.pow(2)).sum(dim=1) / count.clamp(min=1)
+            per_anchor = (w_sel * diff.pow(2)).sum(dim=1) / count.clamp(min=1)
         else:
-            log_p = F.log_softmax((a / self.tau_t).masked_fill_(~mined, _FAR), dim=1)
-            log_q = F.log_softmax((b / self.tau_s).masked_fill(~mined, _FAR), dim=1)
-            per_anchor = (weight * log_p.exp() * (log_p - log_q)).sum(dim=1)
+            log_p = F.log_softmax((a_sel / self.tau_t).masked_fill(~used, _FAR), dim=1)
+            log_q = F.log_softmax((b_sel / self.tau_s).masked_fill(~used, _FAR), dim=1)
+            per_anchor = (w_sel * log_p.exp() * (log_p - log_q)).sum(dim=1)
         loss = per_anchor.mean()
 
         with torch.no_grad():
@@ -131,7 +171,7 @@ class RPSDLoss(KDLoss):
                 "pos_per_anchor": float(n_pos.sum()) / batch.local_size,
                 "neg_per_anchor": float(n_neg.sum()) / batch.local_size,
                 "bank_fill": self.bank.fill(),
-                "sim_gap": float(diff.detach().abs().masked_fill_(~mined, 0).sum()) / max(int(count.sum()), 1),
+                "sim_gap": float(diff.detach().abs().masked_fill_(~used, 0).sum()) / max(int(count.sum()), 1),
             }
         return KDOutput(loss=loss, stats=stats)
 
