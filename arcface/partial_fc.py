@@ -11,7 +11,6 @@ sizes differ between steps or ranks; labels outside [0, num_classes) are an erro
 69.0776 (insightface#1437); the loss is computed in log-sum-exp form, so it is exact where upstream clamps
 the target probability at 1e-30 (which caps a sample at 69.08).
 """
-import math
 
 import torch
 import torch.distributed as dist

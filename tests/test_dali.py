@@ -1,6 +1,5 @@
 """DALI loader, CPU pipeline: insightface-layout rec via a filtered index, labels/images as RecordDataset."""
 import io
-import os
 
 import numpy as np
 import pytest

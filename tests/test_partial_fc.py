@@ -1,6 +1,5 @@
 """Partial FC against a plain full-softmax margin cross-entropy computed independently, 1 and 2 processes."""
 import math
-import os
 
 import pytest
 import torch

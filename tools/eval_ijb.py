@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from arcface.errors import ConfigError, UKDError  # noqa: E402
+from arcface.cli import run_cli  # noqa: E402
+from arcface.errors import ConfigError  # noqa: E402
 from arcface.eval import ijb, ijb_io, report  # noqa: E402
 from arcface.eval.embedder import build_embedder  # noqa: E402
 from arcface.eval.metrics import IJB_FARS, far_key  # noqa: E402
@@ -133,9 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        main()
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

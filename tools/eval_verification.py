@@ -9,13 +9,13 @@ Prints upstream's lines ([name]XNorm / Accuracy-Flip) and a table; --result-dir 
 """
 import argparse
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arcface.errors import ConfigError, UKDError  # noqa: E402
+from arcface.cli import run_cli  # noqa: E402
+from arcface.errors import ConfigError  # noqa: E402
 from arcface.eval import report  # noqa: E402
 from arcface.eval.embedder import build_embedder  # noqa: E402
 from arcface.eval.verification import evaluate_verification, load_bin  # noqa: E402
@@ -68,9 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        main()
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

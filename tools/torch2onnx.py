@@ -9,13 +9,13 @@ installed and is ignored (with a warning) when it is not.
 """
 import argparse
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arcface.errors import ConfigError, UKDError  # noqa: E402
+from arcface.cli import run_cli  # noqa: E402
+from arcface.errors import ConfigError  # noqa: E402
 from arcface.eval.embedder import build_network  # noqa: E402
 from arcface.eval.onnx_export import export_onnx  # noqa: E402
 
@@ -55,9 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        main()
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

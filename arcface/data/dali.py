@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError

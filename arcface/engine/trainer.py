@@ -6,9 +6,7 @@ Per optimizer step: unscale -> clip -> optimizer -> scheduler -> plugin.after_st
 """
 import contextlib
 import inspect
-import math
 import os
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -16,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed as D
 from .checkpoint import atomic_save, checkpoint_path, load_checkpoint, rng_state, set_rng_state
 from .hooks import StepBatch, TrainContext
-from .logging import TrainLogger, get_logger, init_logging
+from .logging import TrainLogger, init_logging
 from .scheduler import PolynomialLRWarmup
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..losses import CombinedMarginLoss
