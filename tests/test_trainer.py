@@ -122,3 +122,14 @@ def test_pretrained_backbone_must_match(tmp_path):
                      pretrained_backbone=os.path.join(cfg.output, "model.pt"))
     with pytest.raises(CheckpointError):
         train(wrong, TensorLoader(images, labels, 8))
+
+
+def test_adamw_and_bf16_autocast_train(tmp_path):
+    """AdamW with both param groups, and fp16=True (bf16 autocast on CPU) still learns with fp32 embeddings."""
+    images, labels = make_data()
+    cfg = tiny_cfg(tmp_path, optimizer="adamw", lr=0.01, weight_decay=0.05, fp16=True, num_epoch=3)
+    trainer = train(cfg, TensorLoader(images, labels, 8))
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and len(trainer.optimizer.param_groups) == 2
+    assert trainer.scaler is None  # no GradScaler off CUDA
+    losses = [l for _, l in trainer.history]
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
