@@ -32,7 +32,8 @@ def main():
     p.add_argument("--epochs", type=int, default=4)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(ROOT, CACHE)):
-        sys.exit(f"{CACHE} not found: run `make demo` first")
+        print(f"skipped: {CACHE} not found; run `make demo` first (it trains the teacher and builds the cache)")
+        return
     from benchmarks.common import machine
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     rows = {}

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "kd_step": ([], ["--batch", "8", "--size", "56", "--repeat", "3"]),
     "teacher_cache": ([], []),
     "ijb": ([], ["--images", "50000", "--templates", "2500", "--pairs", "1000000"]),
+    "ukd_gain": ([], ["--seeds", "1", "--epochs", "1"]),  # needs `make demo` first; ~15 min in full
 }
 
 
