@@ -16,10 +16,16 @@ sys.path.insert(0, ROOT)
 
 from tools.demo import CACHE, DATA, SIZE  # noqa: E402
 
+_CACHED = ["kd.teacher_backend=cache", f"kd.teacher_cache={CACHE}", "kd.teacher_check=False"]
 VARIANTS = [("no KD", "synth_mbf", []),
-            ("FC", "synth_mbf_fc", ["kd.teacher_backend=cache", f"kd.teacher_cache={CACHE}", "kd.teacher_check=False"]),
-            ("UKD", "synth_mbf_ukd", ["kd.teacher_backend=cache", f"kd.teacher_cache={CACHE}",
-                                      "kd.teacher_check=False"])]
+            ("FC", "synth_mbf_fc", _CACHED),
+            ("UKD", "synth_mbf_ukd", _CACHED)]
+# ablations (--ablations): each UKD part alone, and UKD with 3x the weights
+ABLATIONS = [("ILED only", "synth_mbf_ukd", _CACHED + ["kd.losses={'iled': {'weight': 10.0}}"]),
+             ("RPSD only", "synth_mbf_ukd", _CACHED + ["kd.losses={'rpsd': {'weight': 10.0, 'bank': 4096, "
+                                                       "'k_neg': 128}}"]),
+             ("UKD x3", "synth_mbf_ukd", _CACHED + ["kd.losses={'iled': {'weight': 30.0}, 'rpsd': {'weight': 30.0, "
+                                                    "'bank': 4096, 'k_neg': 128}}"])]
 
 
 def run(cmd):
@@ -30,7 +36,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--ablations", action="store_true", help="run ILED only, RPSD only and UKD x3 instead")
     args = p.parse_args()
+    variants = ABLATIONS if args.ablations else VARIANTS
     if not os.path.isfile(os.path.join(ROOT, CACHE)):
         print(f"skipped: {CACHE} not found; run `make demo` first (it trains the teacher and builds the cache)")
         return
@@ -38,8 +46,8 @@ def main():
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     rows = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for label, config, overrides in VARIANTS:
-            out = f"work_dirs/gain/{config}_seed{seed}"
+        for label, config, overrides in variants:
+            out = f"work_dirs/gain/{label.replace(' ', '_')}_seed{seed}"
             run([torchrun, "--standalone", "--nproc_per_node=2", "tools/train.py", f"configs/{config}.py", "--set",
                  f"seed={seed}", f"num_epoch={args.epochs}", f"output={out}", "val_targets=[]", *overrides])
             res = os.path.join(out, "eval")
@@ -55,11 +63,11 @@ def main():
                   f"IJB TAR@1e-2 {rows[(seed, label)][3]*100:.2f}", flush=True)
     print(machine())
     seeds = sorted({s for s, _ in rows})
-    for label in ("no KD", "FC", "UKD"):
+    for label in [v[0] for v in variants]:
         mean = [sum(rows[(s, label)][i] for s in seeds) / len(seeds) * 100 for i in range(4)]
         print(f"mean {label:>6}: acc {mean[0]:.2f}  valTAR@1e-2 {mean[1]:.2f}  IJB TAR@1e-3 {mean[2]:.2f}  "
               f"IJB TAR@1e-2 {mean[3]:.2f}")
-    for other in ("no KD", "FC"):
+    for other in [] if args.ablations else ("no KD", "FC"):
         wins = sum(rows[(s, "UKD")][1] > rows[(s, other)][1] for s in seeds)
         print(f"UKD beats {other} on valTAR@1e-2 in {wins}/{len(seeds)} seeds")
 
