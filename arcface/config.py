@@ -6,7 +6,6 @@ command line (`--set lr=0.05 kd.enabled=True`) override the file, and legacy key
 configs are accepted and reported as ignored.
 """
 import ast
-import difflib
 import logging
 import os
 import runpy
@@ -15,22 +14,15 @@ from pathlib import Path
 from easydict import EasyDict as edict
 
 from .config_keys import ALL_KEYS, LEGACY_KEYS
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 log = logging.getLogger(__name__)
 
 
-def nearest(name, candidates):
-    """The closest known name, for 'did you mean' messages."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return match[0] if match else None
-
-
 def unknown_key_error(key, known, where):
-    hint = nearest(key, known)
-    suggestion = f"; did you mean '{hint}'?" if hint else ""
-    return ConfigError(f"{where}: unknown config key '{key}'{suggestion} (every key is listed in docs/configs.md)")
+    return ConfigError(f"{where}: unknown config key '{key}'{did_you_mean(key, known)} "
+                       "(every key is listed in docs/configs.md)")
 
 
 def _load_py(path):

@@ -1,4 +1,11 @@
 """One exception type per boundary, so a user sees what went wrong and where before harm is done."""
+import difflib
+
+
+def did_you_mean(name, candidates, cutoff=0.5):
+    """"; did you mean 'x'?" for the closest known name, or "" when nothing is close enough."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=cutoff)
+    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 class UKDError(Exception):

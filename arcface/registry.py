@@ -1,8 +1,7 @@
 """One decorator idiom for every table of named things (backbones, plugins, KD losses)."""
-import difflib
 import inspect
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 class Registry:
@@ -21,8 +20,7 @@ class Registry:
 
     def get(self, name):
         if name not in self._table:
-            hint = difflib.get_close_matches(str(name), list(self._table), n=1, cutoff=0.4)
-            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            suggestion = did_you_mean(name, self._table, cutoff=0.4)
             raise ConfigError(f"unknown {self.kind} '{name}'{suggestion} (known: {', '.join(sorted(self._table))})")
         return self._table[name]
 
@@ -47,6 +45,5 @@ def check_kwargs(fn, kwargs, what):
     allowed = [n for n, p in sig.parameters.items() if n != "self" and p.kind != p.VAR_POSITIONAL]
     for key in kwargs:
         if key not in allowed:
-            hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            suggestion = did_you_mean(key, allowed)
             raise ConfigError(f"{what} takes no parameter '{key}'{suggestion} (it takes: {', '.join(allowed)})")
