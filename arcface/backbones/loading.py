@@ -8,6 +8,7 @@ missing / unexpected keys or a shape mismatch raise CheckpointError naming the f
 """
 import os
 import pickle
+from collections import namedtuple
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +17,17 @@ from ..errors import CheckpointError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 5  # keys listed per kind of problem; the rest are counted
+
+BackboneState = namedtuple("BackboneState", ["source", "state"])
+
+
+def read_backbone_state(path_or_state_dict, what="backbone"):
+    """The backbone's state dict of a file or dict (checkpoint unwrapped, wrapper prefixes stripped), with the
+    name of where it came from; pass it to load_backbone_weights to look at a file before loading it once."""
+    if isinstance(path_or_state_dict, BackboneState):
+        return path_or_state_dict
+    source, loaded = _read(path_or_state_dict, what)
+    return BackboneState(source, _strip_wrappers(_backbone_part(loaded, source, what)))
 
 
 def load_backbone_weights(model, path_or_state_dict, strict=True, what="backbone"):
@@ -26,9 +38,8 @@ def load_backbone_weights(model, path_or_state_dict, strict=True, what="backbone
     not a weight.
     """
     model = _unwrap_model(model)
-    source, loaded = _read(path_or_state_dict, what)
+    source, state = read_backbone_state(path_or_state_dict, what)
     network = getattr(model, "network", type(model).__name__)
-    state = _strip_wrappers(_backbone_part(loaded, source, what))
 
     expected = model.state_dict()
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

@@ -108,44 +108,38 @@ def upstream_alias(network):
 
 def build_network(network, checkpoint, input_size=112, network_kwargs=None):
     """get_model(network, ...) with weights from `checkpoint` (strict), in eval mode on the CPU."""
-    from arcface.backbones import get_model, load_backbone_weights  # lazy: the tools import this module early
+    from arcface.backbones import get_model  # lazy: the tools import this module early
+    from arcface.backbones.loading import load_backbone_weights, read_backbone_state
 
     kwargs = {"dropout": 0.0, "fp16": False, "input_size": int(input_size)}
     extra = dict(network_kwargs or {})
     if "input_size" in extra and int(extra["input_size"]) != int(input_size):
         raise ConfigError(f"--network-kwargs input_size={extra['input_size']} contradicts --input-size {input_size}")
     kwargs.update(extra)
+    weights = read_backbone_state(checkpoint)  # read once: sized from it, then loaded from it
     if "num_features" not in kwargs:
-        kwargs["num_features"] = _embedding_size_of(checkpoint, upstream_alias(network), kwargs)
+        kwargs["num_features"] = _embedding_size_of(weights.state, upstream_alias(network), kwargs)
     model = get_model(upstream_alias(network), **kwargs)
-    load_backbone_weights(model, checkpoint, strict=True)
+    load_backbone_weights(model, weights, strict=True)
     return model.eval()
 
 
-def _embedding_size_of(checkpoint, network, kwargs, default=512):
-    """The embedding size stored in a backbone checkpoint, so the tools need no --num-features.
+def _embedding_size_of(state, network, kwargs, default=512):
+    """The embedding size stored in a backbone state dict, so the tools need no --num-features.
 
     Two meta-device builds of the network (num_features 8 and 16, nothing allocated) show which tensor's
-    dimension follows num_features; the file's tensor of that name gives its value. A file that cannot be read
-    here is left to load_backbone_weights to report.
+    dimension follows num_features; the state's tensor of that name gives its value. A state without that
+    tensor gets the default, and load_backbone_weights reports what does not fit.
     """
     from arcface.backbones import get_model
 
-    try:
-        state = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
-                                                                             weights_only=True)
-        if isinstance(state.get("state_dict_backbone"), dict):
-            state = state["state_dict_backbone"]
-        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-        with torch.device("meta"):
-            small = get_model(network, **dict(kwargs, num_features=8)).state_dict()
-            large = get_model(network, **dict(kwargs, num_features=16)).state_dict()
-        for key, tensor in small.items():
-            if key in state and tensor.shape != large[key].shape:
-                dim = next(i for i, (a, b) in enumerate(zip(tensor.shape, large[key].shape)) if a != b)
-                return int(state[key].shape[dim])
-    except Exception:
-        pass
+    with torch.device("meta"):
+        small = get_model(network, **dict(kwargs, num_features=8)).state_dict()
+        large = get_model(network, **dict(kwargs, num_features=16)).state_dict()
+    for key, tensor in small.items():
+        if key in state and tensor.shape != large[key].shape:
+            dim = next(i for i, (a, b) in enumerate(zip(tensor.shape, large[key].shape)) if a != b)
+            return int(state[key].shape[dim])
     return default
 
 
