@@ -1,15 +1,26 @@
-"""What every command-line tool does at its entry point: log to stderr, turn a UKDError into one clear line."""
+"""What every command-line tool does at its entry point: one clear line for a UKDError, exit status 2."""
+import functools
 import logging
 import sys
 
 from .errors import UKDError
 
 
+def report_errors(main):
+    """Decorator of a tool's main(argv): a UKDError (bad config, data or checkpoint) prints 'error: ...' on
+    stderr and main returns 2; anything else propagates with its traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UKDError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
 def run_cli(main, argv=None):
-    """Run main(argv); a UKDError (bad config, data or checkpoint) prints 'error: ...' and exits with status 2."""
+    """Entry point of tools whose main() raises (so that tests see the exception) and returns results."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        main(argv)
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    status = report_errors(main)(argv)
+    sys.exit(status if isinstance(status, int) else 0)

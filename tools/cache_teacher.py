@@ -17,9 +17,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arcface.config import load_config  # noqa: E402
-from arcface.errors import UKDError  # noqa: E402
+from arcface.cli import report_errors  # noqa: E402
 
 
+@report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="python config file whose kd section names the teacher")
@@ -45,23 +46,19 @@ def main(argv=None):
     from plugins.ukd.cache import build_teacher_cache
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    cfg = load_config(args.config, args.set)
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launched:
+        D.init_distributed(cfg.get("dist_backend"), device.type)
     try:
-        cfg = load_config(args.config, args.set)
-        device = pick_device(cfg)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        path = build_teacher_cache(cfg, out=args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                                   num_workers=args.num_workers, restart=args.restart,
+                                   progress=not args.no_progress, device=device)
+    finally:
         if launched:
-            D.init_distributed(cfg.get("dist_backend"), device.type)
-        try:
-            path = build_teacher_cache(cfg, out=args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                                       num_workers=args.num_workers, restart=args.restart,
-                                       progress=not args.no_progress, device=device)
-        finally:
-            if launched:
-                D.teardown()
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            D.teardown()
     if not launched or int(os.environ.get("RANK", 0)) == 0:
         print(f"teacher cache: {path}")
     return 0

@@ -9,9 +9,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arcface.data import packing  # noqa: E402
-from arcface.errors import UKDError  # noqa: E402
+from arcface.cli import report_errors  # noqa: E402
 
 
+@report_errors
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="dataset folder with train.rec/train.idx, or a .rec file")
@@ -22,15 +23,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dump and not args.out:
         p.error("--dump needs --out <folder>")
-    try:
-        info = packing.describe_rec(args.root, samples=args.samples)
-        print(packing.to_json(info) if args.json else "\n".join(packing.format_description(info)))
-        if args.dump:
-            paths = packing.dump_images(args.root, args.out, args.dump)
-            print(f"dumped {len(paths)} images to {args.out}")
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    info = packing.describe_rec(args.root, samples=args.samples)
+    print(packing.to_json(info) if args.json else "\n".join(packing.format_description(info)))
+    if args.dump:
+        paths = packing.dump_images(args.root, args.out, args.dump)
+        print(f"dumped {len(paths)} images to {args.out}")
     return 0
 
 

@@ -13,7 +13,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arcface.data.synthetic import dataset_spec, generate, manifest_matches, write_preview  # noqa: E402
-from arcface.errors import UKDError  # noqa: E402
+from arcface.cli import report_errors  # noqa: E402
 
 
 def build_parser():
@@ -46,34 +46,31 @@ def build_parser():
     return p
 
 
+@report_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.out and not args.preview:
         print("error: give --out DIR and/or --preview PNG", file=sys.stderr)
         return 2
-    try:
-        if args.preview:
-            path = write_preview(args.preview, seed=args.seed, ids=args.preview_ids, samples=args.preview_samples,
-                                 size=args.size, difficulty=args.difficulty, mode=args.preview_mode)
-            print(f"preview written to {path}")
-        if args.out:
-            kwargs = dict(seed=args.seed, num_ids=args.num_ids, per_id=args.per_id, size=args.size,
-                          difficulty=args.difficulty, val_ids=args.val_ids, pairs=args.pairs, val_name=args.val_name,
-                          hard_pairs=args.hard_pairs, hard_name=args.hard_name, ijb_ids=args.ijb_ids,
-                          ijb_name=args.ijb_name, ijb_templates=args.ijb_templates, ijb_media=args.ijb_media,
-                          ijb_frames=args.ijb_frames, ijb_impostor_ratio=args.ijb_impostor_ratio,
-                          ijb_difficulty=args.ijb_difficulty)
-            if not args.force and manifest_matches(args.out, dataset_spec(**kwargs)):
-                print(f"{args.out}: manifest matches, nothing to do (--force regenerates)")
-                return 0
-            start = time.time()
-            manifest = generate(args.out, workers=args.workers, force=True, progress=not args.no_progress, **kwargs)
-            took = time.time() - start
-            counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
-            print(f"{args.out}: {counts} in {took:.1f} s")
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.preview:
+        path = write_preview(args.preview, seed=args.seed, ids=args.preview_ids, samples=args.preview_samples,
+                             size=args.size, difficulty=args.difficulty, mode=args.preview_mode)
+        print(f"preview written to {path}")
+    if args.out:
+        kwargs = dict(seed=args.seed, num_ids=args.num_ids, per_id=args.per_id, size=args.size,
+                      difficulty=args.difficulty, val_ids=args.val_ids, pairs=args.pairs, val_name=args.val_name,
+                      hard_pairs=args.hard_pairs, hard_name=args.hard_name, ijb_ids=args.ijb_ids,
+                      ijb_name=args.ijb_name, ijb_templates=args.ijb_templates, ijb_media=args.ijb_media,
+                      ijb_frames=args.ijb_frames, ijb_impostor_ratio=args.ijb_impostor_ratio,
+                      ijb_difficulty=args.ijb_difficulty)
+        if not args.force and manifest_matches(args.out, dataset_spec(**kwargs)):
+            print(f"{args.out}: manifest matches, nothing to do (--force regenerates)")
+            return 0
+        start = time.time()
+        manifest = generate(args.out, workers=args.workers, force=True, progress=not args.no_progress, **kwargs)
+        took = time.time() - start
+        counts = ", ".join(f"{k}={v}" for k, v in manifest["counts"].items())
+        print(f"{args.out}: {counts} in {took:.1f} s")
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arcface.data import packing  # noqa: E402
-from arcface.errors import UKDError  # noqa: E402
+from arcface.cli import report_errors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,27 +50,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@report_errors
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    try:
-        if args.command in ("folder", "list"):
-            common = dict(resize=args.resize, quality=args.quality, reencode=args.reencode, workers=args.workers,
-                          progress=not args.quiet)
-            if args.command == "folder":
-                n, c = packing.pack_folder(args.src, args.out_dir, **common)
-            else:
-                n, c = packing.pack_list(args.lst, args.out_dir, root=args.root, **common)
-            print(f"wrote {n} images of {c} identities to {args.out_dir}/train.rec (num_classes={c}, num_image={n})")
-        elif args.command == "shuffle":
-            n = packing.shuffle_rec(args.src, args.out_dir, seed=args.seed, progress=not args.quiet)
-            print(f"wrote {n} shuffled images to {args.out_dir}/train.rec")
+    if args.command in ("folder", "list"):
+        common = dict(resize=args.resize, quality=args.quality, reencode=args.reencode, workers=args.workers,
+                      progress=not args.quiet)
+        if args.command == "folder":
+            n, c = packing.pack_folder(args.src, args.out_dir, **common)
         else:
-            path, n = packing.reindex_rec(args.rec, args.idx)
-            print(f"wrote {path} ({n} records)")
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            n, c = packing.pack_list(args.lst, args.out_dir, root=args.root, **common)
+        print(f"wrote {n} images of {c} identities to {args.out_dir}/train.rec (num_classes={c}, num_image={n})")
+    elif args.command == "shuffle":
+        n = packing.shuffle_rec(args.src, args.out_dir, seed=args.seed, progress=not args.quiet)
+        print(f"wrote {n} shuffled images to {args.out_dir}/train.rec")
+    else:
+        path, n = packing.reindex_rec(args.rec, args.idx)
+        print(f"wrote {path} ({n} records)")
     return 0
 
 

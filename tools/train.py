@@ -11,9 +11,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arcface.config import load_config  # noqa: E402
 from arcface.engine.trainer import train  # noqa: E402
-from arcface.errors import UKDError  # noqa: E402
+from arcface.cli import report_errors  # noqa: E402
 
 
+@report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="python config file, e.g. configs/ms1mv3_mbf.py")
@@ -21,14 +22,10 @@ def main(argv=None):
                         help="override config keys, e.g. --set lr=0.05 kd.enabled=True")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        from plugins.registry import enabled_plugins
-        enabled_plugins(cfg)  # plugin sections (e.g. kd) validated before any process group or data work
-        train(cfg)
-    except UKDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set)
+    from plugins.registry import enabled_plugins
+    enabled_plugins(cfg)  # plugin sections (e.g. kd) validated before any process group or data work
+    train(cfg)
     return 0
 
 
