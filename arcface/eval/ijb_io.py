@@ -99,45 +99,38 @@ def read_pairs(path):
     return IJBPairs(t1=table[:, 0].copy(), t2=table[:, 1].copy(), label=label.copy())
 
 
-def read_face_tid_mid(path):
-    """(names, templates, medias) of `<img> <template_id> <media_id>` rows."""
+def _named_rows(path, fields, convert, layout):
+    """(names, rows) of `<img_name> v1 .. vk` lines: each row converted by `convert`; a malformed line is a
+    DataError with its number and the expected layout."""
     _require(path)
-    names, ids = [], []
+    names, rows = [], []
     with open(path, "r") as f:
         for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
+            parts = line.split()
+            if not parts:
                 continue
             try:
-                if len(fields) != 3:
+                if len(parts) != fields:
                     raise ValueError
-                ids.append((int(fields[1]), int(fields[2])))
+                rows.append([convert(x) for x in parts[1:]])
             except ValueError:
-                raise DataError(f"{path}: line {lineno}: {line.rstrip()!r} is not "
-                                f"'<img_name> <template_id> <media_id>'") from None
-            names.append(fields[0])
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1, 2)
+                raise DataError(f"{path}: line {lineno}: {line.rstrip()!r} is not '{layout}' "
+                                f"({fields} fields, got {len(parts)})") from None
+            names.append(parts[0])
+    return names, rows
+
+
+def read_face_tid_mid(path):
+    """(names, templates, medias) of `<img> <template_id> <media_id>` rows."""
+    names, rows = _named_rows(path, 3, int, "<img_name> <template_id> <media_id>")
+    ids = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
     return names, ids[:, 0].copy(), ids[:, 1].copy()
 
 
 def read_name_5pts_score(path):
     """(names, landmarks [N,5,2] float32, faceness [N] float32) of `<img> x1 y1 .. x5 y5 <score>` rows."""
-    _require(path)
-    names, values = [], []
-    with open(path, "r") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 12:
-                    raise ValueError
-                values.append([float(x) for x in fields[1:]])
-            except ValueError:
-                raise DataError(f"{path}: line {lineno}: {line.rstrip()!r} is not '<img_name> x1 y1 x2 y2 x3 y3 "
-                                f"x4 y4 x5 y5 <faceness_score>' (12 fields, got {len(fields)})") from None
-            names.append(fields[0])
-    values = np.asarray(values, dtype=np.float32).reshape(-1, 11)
+    names, rows = _named_rows(path, 12, float, "<img_name> x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 <faceness_score>")
+    values = np.asarray(rows, dtype=np.float32).reshape(-1, 11)
     return names, values[:, :10].reshape(-1, 5, 2).copy(), values[:, 10].copy()
 
 
