@@ -3,8 +3,6 @@
 Adds weight * mean((||e|| - target)^2) to the loss, counts the steps it has seen (saved in checkpoints),
 and logs the mean embedding norm. Switch it on with `config.plugins = [{"name": "feature_norm", "weight": 0.01}]`.
 """
-import torch
-
 from .registry import Plugin, register_plugin
 
 
@@ -51,4 +49,4 @@ def parse_plugin_entry(entry):
     raise TypeError(f"cfg.plugins entry {entry!r} must be a name or a dict with a 'name' key")
 
 
-__all__ = ["FeatureNormPlugin", "parse_plugin_entry", "torch"]
+__all__ = ["FeatureNormPlugin", "parse_plugin_entry"]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..partial_fc import shard_range
 
 
 def atomic_save(obj, path):
@@ -48,11 +49,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_checkpoints(output):
+    """Names of the per-rank checkpoint files in an output folder (no temp files), sorted."""
+    if not os.path.isdir(output):
+        return []
+    return sorted(f for f in os.listdir(output) if f.startswith("checkpoint_gpu_") and f.endswith(".pt"))
+
+
 def load_checkpoint(output, rank, world_size, num_classes):
     """Load this rank's checkpoint and refuse one from another world size or class count (insightface#1811)."""
     path = checkpoint_path(output, rank)
     if not os.path.isfile(path):
-        others = sorted(f for f in os.listdir(output) if f.startswith("checkpoint_gpu_")) if os.path.isdir(output) else []
+        others = rank_checkpoints(output)
         hint = f" (found {', '.join(others)})" if others else " (set save_all_states=True to write them)"
         raise CheckpointError(f"resume: {path} does not exist{hint}")
     try:
@@ -69,12 +77,11 @@ def load_checkpoint(output, rank, world_size, num_classes):
         raise CheckpointError(f"resume: {path} was written by a run with {saved_world} processes, this run has "
                               f"{world_size}; Partial FC centres are sharded per rank, so resume with "
                               f"--nproc_per_node={saved_world} (or start from model.pt with pretrained_backbone)")
-    others = [f for f in os.listdir(output) if f.startswith("checkpoint_gpu_") and f.endswith(".pt")]
+    others = rank_checkpoints(output)
     if saved_world is None and len(others) != world_size:
         raise CheckpointError(f"resume: {output} holds {len(others)} per-rank checkpoints but this run has "
                               f"{world_size} processes")
     shard = ckpt["state_dict_softmax_fc"].get("weight")
-    from ..partial_fc import shard_range
     _, num_local = shard_range(num_classes, rank, world_size)
     if shard is None or shard.shape[0] != num_local:
         got = None if shard is None else tuple(shard.shape)

@@ -226,8 +226,7 @@ class Trainer:
         cfg = self.cfg
         clip_params = list(self.backbone.parameters()) + [p for m in self.plugin_modules for p in m.parameters()]
         acc = cfg.gradient_acc
-        self.backbone.train()
-        self.ddp.train()
+        self.ddp.train()  # the wrapped backbone too
         done = self.global_step >= cfg.total_step
         epoch = self.start_epoch
         batches_this_epoch = self.steps_per_epoch * acc  # a tail shorter than gradient_acc is left out
@@ -291,8 +290,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.logger(self.global_step, epoch, lr, self.scaler.get_scale() if self.scaler else None, acc)
                 if self.verification is not None and self.global_step % cfg.verbose == 0 and self.global_step > 0:
-                    self.verification(self.global_step, self.backbone)
-                    self.backbone.train()
+                    self.verification(self.global_step, self.backbone)  # restores train mode itself
                 if (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0
                         and batch_idx < batches_this_epoch):
                     self.save(epoch, batch_idx)
@@ -305,7 +303,7 @@ class Trainer:
             if epoch >= int(cfg.num_epoch):
                 done = True
             self.save(epoch, 0 if epoch_complete else batch_idx)
-            bad = getattr(getattr(self.train_loader, "dataset", None), "bad_records", 0)
+            bad = getattr(self.train_loader, "bad_records", 0)
             if bad:
                 self.log.warning(f"{bad} bad records skipped so far")
         if self.verification is not None:
