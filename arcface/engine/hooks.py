@@ -1,5 +1,5 @@
 """What the training loop hands to plugins. The engine knows nothing of KD; plugins know nothing of data formats."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -14,7 +14,6 @@ class StepBatch:
     step: int                       # global optimizer step (0-based, before this update)
     index: Optional[torch.Tensor] = None   # [b] int64 dataset sample indices, when the loader gives them
     flip: Optional[torch.Tensor] = None    # [b] bool, whether the image was flipped
-    autocast: Any = None            # a context-manager factory giving the student's autocast
 
 
 @dataclass
@@ -27,7 +26,6 @@ class TrainContext:
     world_size: int
     train_loader: Any = None
     output: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 class Plugin:
@@ -67,6 +65,3 @@ class Plugin:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
-
-    def exclude_from_export(self) -> bool:
-        return True

@@ -198,10 +198,6 @@ class Trainer:
         D.barrier()
 
     # ------------------------------------------------------------------ loop
-    def _autocast(self):
-        return torch.autocast(device_type=self.device.type, enabled=bool(self.cfg.fp16),
-                              dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
-
     def _sync_context(self, last_micro):
         if last_micro or self.world_size == 1:
             return contextlib.nullcontext()
@@ -247,7 +243,7 @@ class Trainer:
                     loss_cls = self.pfc(embeddings, batch.labels)
                     step_batch = StepBatch(images=batch.images, labels=batch.labels, embeddings=embeddings,
                                            step=self.global_step, index=getattr(batch, "index", None),
-                                           flip=getattr(batch, "flip", None), autocast=self._autocast)
+                                           flip=getattr(batch, "flip", None))
                     terms = {"cls": loss_cls}
                     for plugin in self.plugins:
                         terms.update(plugin.after_forward(step_batch))
