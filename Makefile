@@ -10,7 +10,11 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# torch is pinned here (this machine's CPU wheel), not in setup.cfg: a pin there would replace a user's CUDA torch.
+TORCH ?= torch==2.13.0
+
 install: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 
 test: install

@@ -19,8 +19,9 @@ def report_errors(main):
     return wrapper
 
 
-def run_cli(main, argv=None):
-    """Entry point of tools whose main() raises (so that tests see the exception) and returns results."""
+def exit_status(run, argv=None):
+    """Console entry of tools whose run(argv) raises (so that tests see the exception) and returns results:
+    logging to stderr, a UKDError as one line with status 2, otherwise status 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    status = report_errors(main)(argv)
-    sys.exit(status if isinstance(status, int) else 0)
+    status = report_errors(run)(argv)
+    return status if isinstance(status, int) else 0

@@ -107,11 +107,8 @@ def test_every_key_is_in_docs_configs_md():
 
 
 def test_docs_configs_md_is_generated_from_the_code():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "tools" / "gen_config_docs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert (ROOT / "docs" / "configs.md").read_text() == module.render(), \
+    from arcface.tools import gen_config_docs
+    assert (ROOT / "docs" / "configs.md").read_text() == gen_config_docs.render(), \
         "docs/configs.md is stale: run python tools/gen_config_docs.py"
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.reference_ijb import (reference_identification, reference_image_features,  # noqa: E402
                                       reference_roc, reference_scores, reference_tar_at_far,
                                       reference_template_features)
-from tools import eval_ijb  # noqa: E402
+from arcface.tools import eval_ijb  # noqa: E402
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -218,7 +218,7 @@ def ijb_run(tmp_path_factory):
     out = str(base / "out")
     feats = str(base / "feats.npz")
     common = ["--image-path", root, "--target", "IJBC", "--modes", "all", "--no-progress", "--job", "tiny"]
-    results = eval_ijb.main(common + ["--model-prefix", ckpt, "--network", "r18", "--network-kwargs",
+    results = eval_ijb.run(common + ["--model-prefix", ckpt, "--network", "r18", "--network-kwargs",
                                       json.dumps(NET_KW), "--input-size", str(INPUT), "--batch-size", "5",
                                       "--workers", "2", "--save-features", feats, "--result-dir", out])
     return {"root": root, "out": out, "feats": feats, "model": model, "results": results, "base": base,
@@ -287,22 +287,22 @@ def test_tool_numbers_equal_the_loop_reference(ijb_run):
 
 def test_rescoring_from_features_gives_identical_numbers(ijb_run):
     out2 = str(ijb_run["base"] / "out2")
-    eval_ijb.main(ijb_run["common"] + ["--features", ijb_run["feats"], "--result-dir", out2])
+    eval_ijb.run(ijb_run["common"] + ["--features", ijb_run["feats"], "--result-dir", out2])
     for name in ("tar_at_far.json", "identification.json", "tar_at_far.csv", "table.txt"):
         assert open(os.path.join(out2, name)).read() == open(os.path.join(ijb_run["out"], name)).read(), name
 
 
 def test_tool_input_errors(ijb_run, tmp_path):
     with pytest.raises(ConfigError, match=r"give a model \(--model-prefix or --onnx\) or --features FILE"):
-        eval_ijb.main(["--image-path", ijb_run["root"]])
+        eval_ijb.run(["--image-path", ijb_run["root"]])
     with pytest.raises(ConfigError, match="IJBB or IJBC"):
-        eval_ijb.main(["--image-path", ijb_run["root"], "--target", "IJBA", "--features", ijb_run["feats"]])
+        eval_ijb.run(["--image-path", ijb_run["root"], "--target", "IJBA", "--features", ijb_run["feats"]])
     with pytest.raises(ConfigError, match=r"mode 'N2D1F1' is not N<0\|1>D"):
-        eval_ijb.main(["--image-path", ijb_run["root"], "--modes", "N2D1F1", "--features", ijb_run["feats"]])
+        eval_ijb.run(["--image-path", ijb_run["root"], "--modes", "N2D1F1", "--features", ijb_run["feats"]])
     other = str(tmp_path / "other")
     build_ijb(other, subjects=5)
     with pytest.raises(DataError, match="feats.npz holds 42 rows but the meta files list 35 images"):
-        eval_ijb.main(["--image-path", other, "--features", ijb_run["feats"], "--result-dir", str(tmp_path)])
+        eval_ijb.run(["--image-path", other, "--features", ijb_run["feats"], "--result-dir", str(tmp_path)])
 
 
 # --------------------------------------------------------------------------------- bad input files

@@ -16,7 +16,7 @@ from arcface.eval.onnx_export import export_onnx  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools import eval_verification, torch2onnx  # noqa: E402
+from arcface.tools import eval_verification, torch2onnx  # noqa: E402
 
 
 class SmallNet(torch.nn.Module):
@@ -74,7 +74,7 @@ def test_torch2onnx_tool_and_onnx_in_eval_tools(tmp_path):
     ckpt_dir = tmp_path / "run"
     ckpt_dir.mkdir()
     torch.save(model.state_dict(), ckpt_dir / "model.pt")
-    out = torch2onnx.main([str(ckpt_dir), "--network", "r18", "--network-kwargs", json.dumps(kwargs),
+    out = torch2onnx.run([str(ckpt_dir), "--network", "r18", "--network-kwargs", json.dumps(kwargs),
                            "--input-size", "32", "--simplify"])
     assert out == os.path.join(str(ckpt_dir), "model.onnx") and os.path.isfile(out)
     x = np.random.default_rng(2).integers(0, 256, (4, 3, 32, 32)).astype(np.uint8)
@@ -87,8 +87,8 @@ def test_torch2onnx_tool_and_onnx_in_eval_tools(tmp_path):
     write_small_bin(tmp_path / "mini.bin", size=32)
     common = ["--data-dir", str(tmp_path), "--targets", "mini", "--input-size", "32", "--no-progress",
               "--batch-size", "4"]
-    via_onnx = eval_verification.main(common + ["--model-prefix", out])
-    via_torch = eval_verification.main(common + ["--model-prefix", str(ckpt_dir / "model.pt"), "--network", "r18",
+    via_onnx = eval_verification.run(common + ["--model-prefix", out])
+    via_torch = eval_verification.run(common + ["--model-prefix", str(ckpt_dir / "model.pt"), "--network", "r18",
                                                  "--network-kwargs", json.dumps(kwargs), "--device", "cpu",
                                                  "--result-dir", str(tmp_path / "res")])
     assert via_onnx["mini"]["accuracy"] == via_torch["mini"]["accuracy"]

@@ -1,71 +1,10 @@
-#!/usr/bin/env python
-"""Verification accuracy on insightface .bin sets (lfw, cfp_fp, agedb_30, ...), upstream's 10-fold protocol.
+"""Verification accuracy of a model on .bin pair sets (lfw, cfp_fp, agedb_30, ...).
 
-    python tools/eval_verification.py --model-prefix work_dirs/r50/model.pt --network r50 \
-        --data-dir datasets/ms1m-retinaface-t1 --targets lfw,cfp_fp,agedb_30
-    python tools/eval_verification.py --model-prefix model.onnx --data-dir ... --targets lfw
-
-Prints upstream's lines ([name]XNorm / Accuracy-Flip) and a table; --result-dir also gets verification.json.
+The code is arcface.tools.eval_verification (also `ukd-eval-verification` and `python -m arcface.tools.eval_verification` once the package is installed).
 """
-import argparse
-import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from arcface.cli import run_cli  # noqa: E402
-from arcface.errors import ConfigError  # noqa: E402
-from arcface.eval import report  # noqa: E402
-from arcface.eval.embedder import build_embedder  # noqa: E402
-from arcface.eval.verification import evaluate_verification, load_bin  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="verification accuracy on .bin pair sets")
-    p.add_argument("--model-prefix", default="", help="backbone checkpoint (model.pt) or an .onnx file")
-    p.add_argument("--onnx", default="", help="an exported .onnx model (instead of --model-prefix)")
-    p.add_argument("--network", default="r50", help="get_model name")
-    p.add_argument("--network-kwargs", default="{}", help="extra get_model keywords as JSON")
-    p.add_argument("--data-dir", required=True, help="folder holding <target>.bin")
-    p.add_argument("--targets", default="lfw,cfp_fp,agedb_30", help="comma list of .bin names")
-    p.add_argument("--batch-size", default=64, type=int)
-    p.add_argument("--nfolds", default=10, type=int)
-    p.add_argument("--input-size", default=112, type=int)
-    p.add_argument("--result-dir", default="", help="also write verification.json and table.txt here")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    args.model = args.onnx or args.model_prefix
-    if not args.model:
-        raise ConfigError("give a model: --model-prefix (checkpoint or .onnx) or --onnx")
-    try:
-        args.network_kwargs = json.loads(args.network_kwargs)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--network-kwargs is not valid JSON: {err}") from None
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    embedder = build_embedder(args.model, args.network, args.input_size, args.network_kwargs, args.device)
-    results = {}
-    for name in args.targets:
-        dataset = load_bin(os.path.join(args.data_dir, f"{name}.bin"), args.input_size, name=name)
-        res = evaluate_verification(embedder, dataset, args.batch_size, args.nfolds, progress=not args.no_progress)
-        print("[%s]XNorm: %f" % (name, res["xnorm"]))
-        print("[%s]Accuracy-Flip: %1.5f+-%1.5f" % (name, res["accuracy"], res["std"]))
-        results[name] = res
-    text = report.verification_table(results).get_string()
-    print(text)
-    if args.result_dir:
-        report.write_json(os.path.join(args.result_dir, "verification.json"), results)
-        report.atomic_write(os.path.join(args.result_dir, "table.txt"), text + "\n")
-    return results
-
+from arcface.tools.eval_verification import main
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The distillation plugin's command-line tools (console scripts `ukd-*`): cache_teacher, demo."""
