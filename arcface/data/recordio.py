@@ -1,81 +1,98 @@
-"""MXNet RecordIO (.rec/.idx) reader and writer in pure Python, byte-compatible with mxnet's.
+"""MXNet's RecordIO files (.rec data, .idx index) read and written in plain Python, byte for byte as mxnet does.
 
-API mirrors `mxnet.recordio` (RecordIO, IndexedRecordIO, IRHeader, pack, unpack) so scripts port by
-changing one import. Formats (dmlc-core recordio.h, mxnet recordio.py):
+Scripts written for `mxnet.recordio` port by changing the import: the same names (RecordIO for MXRecordIO,
+IndexedRecordIO for MXIndexedRecordIO, IRHeader, pack, unpack) take the same arguments.
 
-    record   := uint32 magic 0xCED7230A | uint32 lrec = cflag << 29 | length | data | zero pad to 4 bytes
-    cflag    := 0 whole record; 1 / 2 / 3 first / middle / last part of a record split where the payload
-                holds the magic at a 4-byte aligned offset (the writer drops those 4 bytes, the reader
-                puts them back between parts)
-    .idx     := text lines "<key>\t<byte offset>\n"
-    payload  := IRHeader struct '<IfQQ' (flag, label, id, id2); if flag > 0, flag float32 labels follow;
-                then the encoded image
+The format, as dmlc-core and mxnet define it:
 
-The file handle is opened lazily and re-opened after a fork, so DataLoader workers never share one
-(upstream's MXFaceDataset opens it in the parent).
+    frame     4 bytes magic 0xCED7230A, 4 bytes (kind << 29 | length), `length` bytes, zeros up to a multiple of 4
+    kind      0 = a whole record; 1, 2, 3 = first, middle, last piece of a record. A writer cuts a record
+              wherever the magic's 4 bytes sit at an offset divisible by 4, and leaves those 4 bytes out; a
+              reader puts them back between the pieces. So no frame's content ever looks like a frame start.
+    .idx      one text line per record: key, a tab, the byte offset of the record's first frame
+    record    image header '<IfQQ' = (flag, label, id, id2); when flag > 0 the float label is unused and flag
+              float32 labels follow; the rest is the encoded image (or nothing, for insightface's meta records)
+
+Readers open their file lazily and again in every new process, so DataLoader workers each have their own handle
+instead of sharing the parent's file offset.
 """
+import numbers
 import os
 import struct
-from collections import namedtuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import DataError
 
 MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
-_LEN_MASK = (1 << 29) - 1
-_HEAD = struct.Struct("<II")
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+FRAME = struct.Struct("<II")
+KIND_SHIFT = 29
+LENGTH_MASK = (1 << KIND_SHIFT) - 1
+WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
+IMAGE_HEADER = struct.Struct("<IfQQ")
 
-IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
-_IR_FORMAT = "<IfQQ"
-_IR_SIZE = struct.calcsize(_IR_FORMAT)
-
-
-def pack(header, s):
-    """Pack an IRHeader and a byte string; an array label becomes flag=len(label) floats before the data."""
-    header = IRHeader(*header)
-    label = header.label
-    if isinstance(label, (int, float, np.integer, np.floating)):
-        header = header._replace(flag=0)
-        head = struct.pack(_IR_FORMAT, 0, float(label), int(header.id), int(header.id2))
-        return head + bytes(s)
-    label = np.asarray(label, dtype=np.float32).ravel()
-    head = struct.pack(_IR_FORMAT, label.size, 0.0, int(header.id), int(header.id2))
-    return head + label.tobytes() + bytes(s)
+# the short names arcface/data/layout.py reads the framing with
+_HEAD, _LEN_MASK, _IR_FORMAT, _IR_SIZE = FRAME, LENGTH_MASK, IMAGE_HEADER.format, IMAGE_HEADER.size
 
 
-def unpack(s):
-    """Inverse of pack: (IRHeader, payload). A multi-float label comes back as a float32 array."""
-    if len(s) < _IR_SIZE:
-        raise DataError(f"record of {len(s)} bytes is shorter than the {_IR_SIZE}-byte IRHeader")
-    flag, label, id_, id2 = struct.unpack(_IR_FORMAT, s[:_IR_SIZE])
-    s = s[_IR_SIZE:]
+class IRHeader(NamedTuple):
+    """The image header of a record: label is a float, or a float32 array when flag > 0."""
+    flag: int
+    label: Any
+    id: int
+    id2: int
+
+
+def pack(header, payload):
+    """One record's bytes. A numeric label is stored in the header (flag 0); a sequence of labels is stored
+    after it as float32 and its length becomes the flag, whatever flag the caller gave."""
+    _, label, record_id, id2 = header
+    if isinstance(label, numbers.Real):
+        return IMAGE_HEADER.pack(0, float(label), int(record_id), int(id2)) + bytes(payload)
+    labels = np.asarray(label, dtype="<f4").ravel()
+    return IMAGE_HEADER.pack(labels.size, 0.0, int(record_id), int(id2)) + labels.tobytes() + bytes(payload)
+
+
+def unpack(record):
+    """(IRHeader, payload) of one record's bytes; the inverse of pack."""
+    if len(record) < IMAGE_HEADER.size:
+        raise DataError(f"record of {len(record)} bytes is shorter than the {IMAGE_HEADER.size}-byte IRHeader")
+    flag, label, record_id, id2 = IMAGE_HEADER.unpack_from(record)
+    body = record[IMAGE_HEADER.size:]
     if flag > 0:
-        if len(s) < 4 * flag:
-            raise DataError(f"record header announces {flag} float labels but only {len(s)} bytes follow")
-        label = np.frombuffer(s[: 4 * flag], dtype=np.float32).copy()
-        s = s[4 * flag:]
-    return IRHeader(flag, label, id_, id2), s
+        if len(body) < 4 * flag:
+            raise DataError(f"record header announces {flag} float labels but only {len(body)} bytes follow")
+        label = np.frombuffer(body, dtype="<f4", count=flag).astype(np.float32)
+        body = body[4 * flag:]
+    return IRHeader(flag, label, record_id, id2), body
 
 
-def _split_at_magic(data):
-    """Payload parts between 4-byte aligned occurrences of the magic (which the format drops)."""
-    parts, start = [], 0
-    pos = data.find(_MAGIC_BYTES)
-    while pos != -1:
-        if pos % 4 == 0:
-            parts.append(data[start:pos])
-            start = pos + 4
-            pos = data.find(_MAGIC_BYTES, start)
+def _aligned_magic_offsets(data):
+    """Offsets divisible by 4 at which the magic's bytes occur: where a writer must cut the record."""
+    at = data.find(MAGIC_BYTES)
+    while at >= 0:
+        if at % 4:
+            at = data.find(MAGIC_BYTES, at + 1)
         else:
-            pos = data.find(_MAGIC_BYTES, pos + 1)
-    parts.append(data[start:])
-    return parts
+            yield at
+            at = data.find(MAGIC_BYTES, at + 4)
+
+
+def _pieces(data):
+    """(kind, bytes) frames for one record."""
+    cuts = list(_aligned_magic_offsets(data))
+    if not cuts:
+        return [(WHOLE, data)]
+    starts = [0] + [cut + 4 for cut in cuts]
+    ends = cuts + [len(data)]
+    kinds = [FIRST] + [MIDDLE] * (len(cuts) - 1) + [LAST]
+    return [(kind, data[a:b]) for kind, a, b in zip(kinds, starts, ends)]
 
 
 class RecordIO:
-    """Sequential .rec access (flag 'r' or 'w'), as mxnet.recordio.MXRecordIO."""
+    """A .rec file read or written front to back ('r' or 'w'); read_at jumps to a known offset."""
 
     def __init__(self, uri, flag):
         if flag not in ("r", "w"):
@@ -83,38 +100,36 @@ class RecordIO:
         self.uri = str(uri)
         self.flag = flag
         self.writable = flag == "w"
-        self._fh = None
-        self._pid = None
+        self._file = None
+        self._owner_pid = None
         if self.writable:
             self._open()
         elif not os.path.isfile(self.uri):
             raise DataError(f"RecordIO file not found: {self.uri}")
 
-    # -- file handle, per process ------------------------------------------------------------
     def _open(self):
-        self._fh = open(self.uri, "wb" if self.writable else "rb")
-        self._pid = os.getpid()
+        self._file = open(self.uri, "wb" if self.writable else "rb")
+        self._owner_pid = os.getpid()
 
     @property
     def handle(self):
-        if self._fh is None or self._pid != os.getpid():
-            if self.writable and self._fh is not None:
+        """This process's file object (a forked reader opens its own)."""
+        if self._file is None or self._owner_pid != os.getpid():
+            if self.writable and self._file is not None:
                 raise DataError(f"{self.uri}: a RecordIO writer cannot be used after fork")
             self._open()
-        return self._fh
+        return self._file
 
-    def __getstate__(self):  # picklable for DataLoader workers: the handle is re-opened on the other side
-        state = dict(self.__dict__)
-        state["_fh"] = None
-        state["_pid"] = None
-        return state
+    def __getstate__(self):  # pickled into DataLoader workers without the open file
+        return {**self.__dict__, "_file": None, "_owner_pid": None}
 
     def close(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def reset(self):
+        """Back to the start (a writer starts the file again, empty)."""
         self.close()
         self._open()
 
@@ -130,125 +145,130 @@ class RecordIO:
     def __exit__(self, *exc):
         self.close()
 
-    # -- records -----------------------------------------------------------------------------
     def tell(self):
         return self.handle.tell()
 
+    # -- writing -------------------------------------------------------------------------------------
     def write(self, buf):
         if not self.writable:
             raise DataError(f"{self.uri} is open for reading")
-        fh = self.handle
-        parts = _split_at_magic(bytes(buf))
-        n = len(parts)
-        for i, part in enumerate(parts):
-            if len(part) > _LEN_MASK:
-                raise DataError(f"{self.uri}: record part of {len(part)} bytes exceeds the 2^29-1 byte limit")
-            cflag = 0 if n == 1 else (1 if i == 0 else (3 if i == n - 1 else 2))
-            fh.write(_HEAD.pack(MAGIC, (cflag << 29) | len(part)))
-            fh.write(part)
-            pad = (4 - len(part) % 4) % 4
-            if pad:
-                fh.write(b"\x00" * pad)
+        out = self.handle
+        for kind, piece in _pieces(bytes(buf)):
+            if len(piece) > LENGTH_MASK:
+                raise DataError(f"{self.uri}: record part of {len(piece)} bytes exceeds the 2^29-1 byte limit")
+            out.write(FRAME.pack(MAGIC, (kind << KIND_SHIFT) | len(piece)))
+            out.write(piece)
+            out.write(b"\x00" * (-len(piece) % 4))
 
+    # -- reading -------------------------------------------------------------------------------------
     def read(self):
-        """Next record's bytes, or None at the end of the file."""
+        """The next record's bytes, or None at the end of the file."""
         if self.writable:
             raise DataError(f"{self.uri} is open for writing")
-        return self._read_at(None)
+        return self._read_record(key=None, at_end_ok=True)
 
     def read_at(self, offset, key=None):
-        """The record starting at byte `offset` (split records joined); `key` only names it in errors."""
+        """The record whose first frame starts at byte `offset`; `key` only serves to name it in errors."""
         if self.writable:
             raise DataError(f"{self.uri} is open for writing")
-        return self._read_at(int(offset), key=key)
+        self.handle.seek(int(offset))
+        return self._read_record(key=key, at_end_ok=False)
 
-    def _read_at(self, offset, key=None):
-        fh = self.handle
-        if offset is not None:
-            fh.seek(offset)
-        chunks = []
+    def _read_record(self, key, at_end_ok):
+        pieces = []
         while True:
-            where = fh.tell()
-            head = fh.read(8)
-            if not head and not chunks and offset is None:
+            start = self.handle.tell()
+            frame = self._read_frame(key, start, at_end_ok=at_end_ok and not pieces)
+            if frame is None:
                 return None
-            if len(head) < 8:
-                raise DataError(self._where(key, where) + ": truncated record header (file ends early)")
-            magic, lrec = _HEAD.unpack(head)
-            if magic != MAGIC:
-                raise DataError(self._where(key, where) + f": wrong magic 0x{magic:08X}, expected 0x{MAGIC:08X} "
-                                "(corrupt file, or the .idx does not belong to this .rec)")
-            cflag, length = lrec >> 29, lrec & _LEN_MASK
-            data = fh.read(length)
-            if len(data) < length:
-                raise DataError(self._where(key, where) + f": truncated record, {length} bytes announced, "
-                                f"{len(data)} present")
-            pad = (4 - length % 4) % 4
-            if pad:
-                fh.seek(pad, os.SEEK_CUR)
-            if cflag == 0:
-                if chunks:
-                    raise DataError(self._where(key, where) + ": whole record inside a split record")
+            kind, data = frame
+            if kind == WHOLE:
+                if pieces:
+                    raise DataError(self._where(key, start) + ": whole record inside a split record")
                 return data
-            if cflag == 1:
-                chunks = [data]
-            elif not chunks:
-                raise DataError(self._where(key, where) + f": continuation part (cflag {cflag}) without a first part")
-            else:
-                chunks.append(data)
-                if cflag == 3:
-                    return _MAGIC_BYTES.join(chunks)
+            if kind == FIRST:
+                pieces = [data]
+                continue
+            if not pieces:
+                raise DataError(self._where(key, start) + f": continuation part (cflag {kind}) without a first part")
+            pieces.append(data)
+            if kind == LAST:
+                return MAGIC_BYTES.join(pieces)
+
+    def _read_frame(self, key, start, at_end_ok):
+        """(kind, bytes) of the frame at the current position; None at a clean end of file if allowed."""
+        source = self.handle
+        head = source.read(FRAME.size)
+        if not head and at_end_ok:
+            return None
+        if len(head) < FRAME.size:
+            raise DataError(self._where(key, start) + ": truncated record header (file ends early)")
+        magic, word = FRAME.unpack(head)
+        if magic != MAGIC:
+            raise DataError(self._where(key, start) + f": wrong magic 0x{magic:08X}, expected 0x{MAGIC:08X} "
+                            "(corrupt file, or the .idx does not belong to this .rec)")
+        length = word & LENGTH_MASK
+        data = source.read(length)
+        if len(data) < length:
+            raise DataError(self._where(key, start) + f": truncated record, {length} bytes announced, "
+                            f"{len(data)} present")
+        if length % 4:
+            source.seek(-length % 4, os.SEEK_CUR)
+        return word >> KIND_SHIFT, data
 
     def _where(self, key, offset):
-        k = f" key {key}" if key is not None else ""
-        return f"{self.uri}{k} at byte offset {offset}"
+        named = f" key {key}" if key is not None else ""
+        return f"{self.uri}{named} at byte offset {offset}"
 
 
 class IndexedRecordIO(RecordIO):
-    """Random access through the .idx file, as mxnet.recordio.MXIndexedRecordIO(idx_path, uri, flag)."""
+    """A .rec file with its .idx: records by key. Arguments in mxnet's order (idx_path, uri, flag)."""
 
     def __init__(self, idx_path, uri, flag, key_type=int):
         self.idx_path = str(idx_path)
         self.key_type = key_type
-        self.idx = {}
-        self.keys = []
+        self.idx = {}   # key -> byte offset
+        self.keys = []  # keys in file order, each once
         if flag == "r":
             if not os.path.isfile(self.idx_path):
                 raise DataError(f"index file not found: {self.idx_path}; rebuild it from the .rec with "
                                 f"`python tools/pack_rec.py reindex {uri}`")
-            self._load_index(uri)
+            self._read_index_file()
         super().__init__(uri, flag)
-        if flag == "r":
+        if flag == "r" and self.keys:
             size = os.path.getsize(self.uri)
-            bad = [k for k in self.keys[-1:] if self.idx[k] >= size]
-            if bad:
-                raise DataError(f"{self.idx_path}: key {bad[0]} points to byte {self.idx[bad[0]]}, past the end of "
+            last = self.keys[-1]
+            if self.idx[last] >= size:
+                raise DataError(f"{self.idx_path}: key {last} points to byte {self.idx[last]}, past the end of "
                                 f"{self.uri} ({size} bytes); the index belongs to another or truncated file")
 
-    def _load_index(self, uri):
+    def _remember(self, key, offset):
+        if key not in self.idx:
+            self.keys.append(key)
+        self.idx[key] = offset
+
+    def _read_index_file(self):
         with open(self.idx_path) as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
+            for number, line in enumerate(f, 1):
+                text = line.strip()
+                if not text:
                     continue
-                fields = line.split("\t")
+                fields = text.split("\t")
                 if len(fields) != 2:
-                    raise DataError(f"{self.idx_path} line {lineno}: expected '<key>\\t<offset>', got {line[:60]!r}")
+                    raise DataError(f"{self.idx_path} line {number}: expected '<key>\\t<offset>', got {text[:60]!r}")
                 try:
-                    key, offset = self.key_type(fields[0]), int(fields[1])
+                    self._remember(self.key_type(fields[0]), int(fields[1]))
                 except ValueError:
-                    raise DataError(f"{self.idx_path} line {lineno}: key or offset is not a number: {line[:60]!r}")
-                if key not in self.idx:
-                    self.keys.append(key)
-                self.idx[key] = offset
+                    raise DataError(f"{self.idx_path} line {number}: key or offset is not a number: "
+                                    f"{text[:60]!r}") from None
 
     def close(self):
-        if self.writable and self._fh is not None:
-            tmp = self.idx_path + ".tmp"
-            with open(tmp, "w") as f:
-                for key in self.keys:
-                    f.write(f"{key}\t{self.idx[key]}\n")
-            os.replace(tmp, self.idx_path)
+        if self.writable and self._file is not None:
+            lines = "".join(f"{key}\t{self.idx[key]}\n" for key in self.keys)
+            partial = self.idx_path + ".tmp"
+            with open(partial, "w") as f:
+                f.write(lines)
+            os.replace(partial, self.idx_path)
         super().close()
 
     def seek(self, idx):
@@ -257,22 +277,19 @@ class IndexedRecordIO(RecordIO):
     def read_idx(self, idx):
         if idx not in self.idx:
             raise DataError(f"{self.idx_path}: no record with key {idx!r}")
-        return self._read_at(self.idx[idx], key=idx)
+        return self.read_at(self.idx[idx], key=idx)
 
     def write_idx(self, idx, buf):
-        key = self.key_type(idx)
-        pos = self.tell()
+        offset = self.tell()
         self.write(buf)
-        if key not in self.idx:
-            self.keys.append(key)
-        self.idx[key] = pos
+        self._remember(self.key_type(idx), offset)
 
 
 def read_index(idx_path):
     """(keys, offsets) of an .idx as int64 arrays in file order, without a per-line Python dict.
 
     For million-record files: IndexedRecordIO keeps a dict (hundreds of MB at 5M keys); the data layer
-    only needs the arrays. A key listed twice keeps its last offset, as in IndexedRecordIO.
+    only needs the arrays. A key listed twice keeps its first place and its last offset, as in IndexedRecordIO.
     """
     idx_path = str(idx_path)
     if not os.path.isfile(idx_path):
@@ -288,12 +305,11 @@ def read_index(idx_path):
         bad = next(x for x in fields if not x.lstrip(b"-").isdigit())
         raise DataError(f"{idx_path}: key or offset is not an integer: {bad[:40]!r}") from None
     keys, offsets = table[:, 0].copy(), table[:, 1].copy()
-    _, first = np.unique(keys[::-1], return_index=True)
-    if first.size != keys.size:  # duplicates: keep the first occurrence in file order, with the last offset
-        last = keys.size - 1 - first
-        order = np.sort(np.unique(keys, return_index=True)[1])
-        offset_of = dict(zip(keys[last].tolist(), offsets[last].tolist()))
-        keys = keys[order]
+    unique, first_place = np.unique(keys, return_index=True)
+    if unique.size != keys.size:
+        last_place = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
+        offset_of = dict(zip(unique.tolist(), offsets[last_place].tolist()))
+        keys = keys[np.sort(first_place)]
         offsets = np.array([offset_of[k] for k in keys.tolist()], dtype=np.int64)
     return keys, offsets
 
@@ -305,19 +321,16 @@ def reindex(rec_path, idx_path=None):
     reader = RecordIO(rec_path, "r")
     entries = []
     while True:
-        pos = reader.tell()
-        buf = reader.read()
-        if buf is None:
+        offset = reader.tell()
+        record = reader.read()
+        if record is None:
             break
-        header, _ = unpack(buf)
-        entries.append((header.id, pos))
+        entries.append((unpack(record)[0].id, offset))
     reader.close()
-    ids = [e[0] for e in entries]
-    if len(set(ids)) != len(ids):
-        entries = [(i, pos) for i, (_, pos) in enumerate(entries)]
-    tmp = idx_path + ".tmp"
-    with open(tmp, "w") as f:
-        for key, pos in entries:
-            f.write(f"{key}\t{pos}\n")
-    os.replace(tmp, idx_path)
+    if len({key for key, _ in entries}) != len(entries):
+        entries = [(number, offset) for number, (_, offset) in enumerate(entries)]
+    partial = idx_path + ".tmp"
+    with open(partial, "w") as f:
+        f.writelines(f"{key}\t{offset}\n" for key, offset in entries)
+    os.replace(partial, idx_path)
     return idx_path, len(entries)
