@@ -23,6 +23,14 @@ from benchmarks.reference_ijb import (reference_identification, reference_image_
 from arcface.tools import eval_ijb  # noqa: E402
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
+
+
+def measurable(reference, labels):
+    """The loop reference's TARs, None at the FARs that the pair list's impostors cannot resolve (fewer than
+    1/FAR impostor pairs: not even one false accept would be allowed there)."""
+    impostors = int((np.asarray(labels) == 0).sum())
+    return [tar if impostors * far >= 1 - 1e-9 else None for far, tar in reference.items()]
 
 
 # ------------------------------------------------------------------------------------ ROC and TAR
@@ -64,9 +72,11 @@ def test_tar_at_far_on_hand_computed_scores():
 # ----------------------------------------------------------------------- aggregation and scoring
 
 
-def synthetic_protocol(seed=0, n_images=360, n_templates=36, dim=16):
+def synthetic_protocol(seed=0, n_images=360, n_templates=36, dim=16, single_image_templates=0):
+    """Random templates, media and pairs; the last `single_image_templates` templates hold one image each."""
     rng = np.random.default_rng(seed)
-    tpl_rows = np.concatenate([np.arange(n_templates), rng.integers(0, n_templates, n_images - n_templates)])
+    shared = n_templates - single_image_templates
+    tpl_rows = np.concatenate([np.arange(n_templates), rng.integers(0, shared, n_images - n_templates)])
     template_ids = np.sort(rng.choice(np.arange(1, 500), n_templates, replace=False))
     templates = template_ids[tpl_rows]
     medias = rng.integers(0, 5, n_images) + 1000 * (tpl_rows % 3)  # media ids shared across templates too
@@ -89,23 +99,30 @@ def test_vectorised_pipeline_equals_loop_reference(mode):
     scores = ijb.score_pairs(ours, unique, t1, t2)
     ref_scores = reference_scores(ref, ref_unique, t1, t2)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
-    assert ijb.verification_metrics(scores, labels)["tar_at_far"] == {
-        k: v for k, v in zip(["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"],
-                             reference_tar_at_far(labels, ref_scores, FARS).values())}
+    res = ijb.verification_metrics(scores, labels)
+    expected = measurable(reference_tar_at_far(labels, ref_scores, FARS), labels)
+    assert res["tar_at_far"] == dict(zip(KEYS, expected))
+    assert res["impostor_pairs"] == int((labels == 0).sum()) and expected[-2:] != [None, None]
+    assert expected[:4] == [None] * 4  # 630 pairs: FARs below 1e-2 are not measurable
 
 
 def test_modes_change_the_arithmetic_as_upstream():
-    feats, faceness, templates, medias, *_ = synthetic_protocol(seed=1)
-    base, _ = ijb.template_features(feats, faceness, templates, medias, ijb.Mode(True, True, True))
+    feats, faceness, templates, medias, *_ = synthetic_protocol(seed=1, single_image_templates=3)
+    base, unique = ijb.template_features(feats, faceness, templates, medias, ijb.Mode(True, True, True))
     for mode in ijb.ALL_MODES[1:]:
         other, _ = ijb.template_features(feats, faceness, templates, medias, mode)
         assert np.abs(other - base).max() > 1e-3, mode.name
-    # a template of one image: N0 or N1, D0 or D1 all give the normalised flip-summed feature
-    single = np.flatnonzero(np.bincount(np.unique(templates, return_inverse=True)[1]) == 1)
-    if single.size:
-        row = np.flatnonzero(np.unique(templates, return_inverse=True)[1] == single[0])[0]
-        v = feats[row, :16].astype(np.float64) + feats[row, 16:]
-        np.testing.assert_allclose(base[single[0]], v / np.linalg.norm(v), atol=1e-6)
+    # a template of one image: N0 or N1, D0 or D1 all give that image's normalised (flip-summed) feature
+    images_per_template = {t: int((templates == t).sum()) for t in unique.tolist()}
+    single = [t for t, n in images_per_template.items() if n == 1]
+    assert len(single) == 3
+    for mode in ijb.ALL_MODES:
+        feats_mode, unique_mode = ijb.template_features(feats, faceness, templates, medias, mode)
+        for t in single:
+            row = int(np.flatnonzero(templates == t)[0])
+            v = feats[row, :16].astype(np.float64) + (feats[row, 16:] if mode.flip else 0.0)
+            got = feats_mode[int(np.flatnonzero(unique_mode == t)[0])]
+            np.testing.assert_allclose(got, v / np.linalg.norm(v), atol=1e-6, err_msg=mode.name)
 
 
 def test_both_scoring_paths_equal_the_reference():
@@ -233,13 +250,19 @@ def test_tool_writes_all_outputs(ijb_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     tars = json.load(open(os.path.join(out, "tar_at_far.json")))
     assert set(tars) == {f"tiny-IJBC-{m.name}" for m in ijb.ALL_MODES}
+    # 153 pairs, 135 of them impostors: TAR is measurable at FAR 1e-2 (100 needed) and 1e-1 only
     for row in tars.values():
-        assert list(row) == ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
-        assert all(0.0 <= v <= 1.0 for v in row.values())
+        assert list(row) == KEYS
+        assert [row[k] for k in KEYS[:4]] == [None] * 4
+        assert all(0.0 <= row[k] <= 1.0 for k in KEYS[4:])
     table = open(os.path.join(out, "table.txt")).read()
     assert "tiny-IJBC-N1D1F1" in table and "1e-06" in table and "rank-1" in table
+    row = next(line for line in table.splitlines() if "tiny-IJBC-N1D1F1" in line)
+    assert [cell.strip() for cell in row.split("|")[2:6]] == ["-"] * 4
+    assert "- : too few impostor pairs" in table and "1e-06 needs 1,000,000" in table and "0.001 needs 1,000" in table
     csv_lines = open(os.path.join(out, "tar_at_far.csv")).read().splitlines()
     assert csv_lines[0] == "method,mode,1e-06,1e-05,0.0001,0.001,0.01,0.1,auc" and len(csv_lines) == 9
+    assert csv_lines[1].split(",")[2:6] == [""] * 4
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
@@ -268,7 +291,10 @@ def test_tool_numbers_equal_the_loop_reference(ijb_run):
                                      mode.detector_score, mode.flip)
         tf, unique = reference_template_features(x, images.templates, images.medias)
         expected = reference_tar_at_far(pairs.label, reference_scores(tf, unique, pairs.t1, pairs.t2))
-        assert list(tars[f"tiny-IJBC-{mode.name}"].values()) == pytest.approx(list(expected.values()), abs=1e-12)
+        got = list(tars[f"tiny-IJBC-{mode.name}"].values())
+        want = measurable(expected, pairs.label)
+        assert [g is None for g in got] == [w is None for w in want]
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], abs=1e-12)
     # 1:N in mode N1D1F1, per gallery
     ident = json.load(open(os.path.join(ijb_run["out"], "identification.json")))
     x = reference_image_features(data["img_feats"], data["faceness_scores"])

@@ -15,8 +15,9 @@ from PIL import Image
 from arcface.errors import DataError
 from arcface.eval.callback import VerificationCallback
 from arcface.eval.embedder import TorchEmbedder
-from arcface.eval.metrics import contiguous_folds, kfold_accuracy
-from arcface.eval.verification import evaluate_verification, load_bin
+from arcface.eval import ijb, report
+from arcface.eval.metrics import contiguous_folds, impostors_needed, kfold_accuracy, supported_fars
+from arcface.eval.verification import evaluate_embeddings, evaluate_verification, load_bin
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference_ijb import reference_tar_at_far  # noqa: E402
@@ -114,14 +115,53 @@ def test_bin_round_trip_matches_independent_computation(tmp_path):
     assert res["std"] == pytest.approx(std, abs=1e-12)
     assert res["xnorm"] == pytest.approx(xnorm, rel=1e-6)
     assert 0.5 < res["accuracy"] <= 1.0 and len(res["fold_accuracies"]) == 10
-    # TAR@FAR: 20 impostor pairs resolve only FAR 0.1
-    assert list(res["tar_at_far"]) == ["0.1"]
+    # TAR@FAR: 20 impostor pairs resolve only FAR 0.1 (0.01 would need 100, 0.001 1000)
+    assert res["impostor_pairs"] == 20
+    assert list(res["tar_at_far"]) == ["0.001", "0.01", "0.1"]
+    assert res["tar_at_far"]["0.001"] is None and res["tar_at_far"]["0.01"] is None
     expected = reference_tar_at_far(np.array(issame, dtype=int), -dist, fars=(0.1,))[0.1]
     assert res["tar_at_far"]["0.1"] == pytest.approx(expected, abs=1e-12)
     # best threshold: the accuracy-maximising one over all pairs
     thresholds = np.arange(0, 4, 0.01)
     overall = [np.mean((dist < t) == np.array(issame)) for t in thresholds]
     assert res["best_threshold"] == pytest.approx(thresholds[int(np.argmax(overall))])
+
+
+def test_one_far_rule_for_bin_and_ijb():
+    """A FAR is measured when the impostor pairs number at least 1/FAR; .bin and IJB apply the same rule."""
+    assert [impostors_needed(f) for f in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 0.05)] == \
+        [1_000_000, 100_000, 10_000, 1_000, 100, 10, 4, 20]
+    assert supported_fars(9, (0.1, 0.3)) == (0.3,) and supported_fars(10, (0.1, 0.3)) == (0.1, 0.3)
+    rng = np.random.default_rng(4)
+    for impostors in (19, 20, 21):
+        issame = np.r_[np.ones(40 - impostors, bool), np.zeros(impostors, bool)]
+        emb = rng.standard_normal((80, 8))
+        emb[1::2][issame] = emb[0::2][issame] + 0.3 * rng.standard_normal((int(issame.sum()), 8))
+        fars = (0.01, 0.05, 0.1)
+        bin_res = evaluate_embeddings(emb, np.zeros_like(emb), issame, nfolds=2, fars=fars)
+        joint = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        dist = np.sum(np.square(joint[0::2] - joint[1::2]), axis=1)
+        ijb_res = ijb.verification_metrics(-dist, issame.astype(int), fars=fars)
+        assert bin_res["tar_at_far"] == pytest.approx(ijb_res["tar_at_far"])
+        measured = [k for k, v in bin_res["tar_at_far"].items() if v is not None]
+        assert measured == (["0.05", "0.1"] if impostors >= 20 else ["0.1"])
+
+
+def test_tables_print_a_dash_and_say_what_is_missing():
+    ver = {"lfw": {"accuracy": 0.99, "std": 0.01, "xnorm": 20.0, "best_threshold": 1.4, "impostor_pairs": 600,
+                   "tar_at_far": {"0.001": None, "0.01": 0.9, "0.1": 0.99}},
+           "big": {"accuracy": 0.9, "std": 0.02, "xnorm": 21.0, "best_threshold": 1.3, "impostor_pairs": 5000,
+                   "tar_at_far": {"0.001": 0.5, "0.01": 0.8, "0.1": 0.95}}}
+    lines = report.verification_table(ver).get_string().splitlines()
+    assert [c.strip() for c in lines[3].split("|")[6:9]] == ["-", "90.00", "99.00"]
+    assert [c.strip() for c in lines[4].split("|")[6:9]] == ["50.00", "80.00", "95.00"]
+    assert lines[-1] == ("- : too few impostor pairs for that FAR to be measured (a FAR needs at least 1/FAR "
+                         "impostor pairs: 0.001 needs 1,000); lfw has 600")
+    rows = {"a": {"1e-06": None, "0.01": 0.25}, "b": {"1e-06": None, "0.01": 0.5}}
+    text = report.tar_table(rows, ["1e-06", "0.01"], impostor_pairs=135).get_string()
+    assert text.splitlines()[-1].endswith("1e-06 needs 1,000,000); the pair list has 135")
+    full = report.tar_table({"a": {"0.01": 0.25}}, ["0.01"], impostor_pairs=135)
+    assert "-" not in full.get_string().splitlines()[-2] and "impostor" not in full.get_string()
 
 
 @pytest.mark.parametrize("n,nfolds", [(603, 10), (40, 10), (57, 5)])

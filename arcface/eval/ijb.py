@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ConfigError, DataError
 from .alignment import align_face
-from .metrics import IJB_FARS, auc, far_key, roc_curve, tar_at_far_from_roc
+from .metrics import IJB_FARS, auc, far_key, resolved_tar_at_far, roc_curve
 
 IDENTIFICATION_FPIRS = (0.01, 0.1)
 IDENTIFICATION_RANKS = (1, 5, 10)
@@ -246,13 +246,16 @@ def _compact(index, size):
 
 
 def verification_metrics(scores, labels, fars=IJB_FARS):
-    """TAR at each FAR (upstream's nearest-FPR rule), the ROC and its AUC."""
+    """TAR at each FAR (upstream's nearest-FPR rule; None where too few impostor pairs resolve the FAR, the
+    rule the .bin evaluation applies too), the ROC, its AUC and the pair counts."""
     labels = np.asarray(labels)
-    if not (labels == 1).any() or not (labels == 0).any():
+    genuine, impostor = int((labels == 1).sum()), int((labels == 0).sum())
+    if not genuine or not impostor:
         raise DataError("the pair list needs both genuine (1) and impostor (0) pairs to compute a ROC")
     fpr, tpr, _ = roc_curve(labels, scores)
-    tars = tar_at_far_from_roc(fpr, tpr, fars)
-    return {"tar_at_far": {far_key(f): t for f, t in tars.items()}, "auc": auc(fpr, tpr), "fpr": fpr, "tpr": tpr}
+    tars = resolved_tar_at_far(fpr, tpr, fars, impostor)
+    return {"tar_at_far": {far_key(f): t for f, t in tars.items()}, "auc": auc(fpr, tpr), "fpr": fpr, "tpr": tpr,
+            "genuine_pairs": genuine, "impostor_pairs": impostor}
 
 
 def evaluate_verification_modes(img_feats, faceness, templates, medias, pairs, modes=(Mode(),), progress=False):

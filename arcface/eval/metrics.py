@@ -61,9 +61,25 @@ def tar_at_far(labels, scores, fars=IJB_FARS):
     return tar_at_far_from_roc(fpr, tpr, fars)
 
 
+def impostors_needed(far):
+    """The fewest impostor pairs at which `far` is an operating point of the ROC: one false accept allowed.
+
+    With fewer, no ROC point lies between FPR 0 and `far`; the nearest-FPR rule would then report the TAR of
+    another FPR (often 0) under this FAR's name. The .bin and IJB evaluations both leave such FARs empty.
+    """
+    return math.ceil(round(1.0 / far, 9))
+
+
 def supported_fars(num_negatives, fars):
-    """The FARs that at least one impostor pair can resolve (num_negatives * far >= 1)."""
-    return tuple(far for far in fars if num_negatives * far >= 1)
+    """The FARs that the given number of impostor pairs can resolve (see impostors_needed)."""
+    return tuple(far for far in fars if num_negatives >= impostors_needed(far))
+
+
+def resolved_tar_at_far(fpr, tpr, fars, num_impostors):
+    """{far: TAR} by upstream's rule where the impostor count resolves the FAR, {far: None} elsewhere."""
+    usable = supported_fars(num_impostors, fars)
+    tars = tar_at_far_from_roc(fpr, tpr, usable) if usable else {}
+    return {float(far): tars.get(float(far)) for far in fars}
 
 
 def far_key(far):

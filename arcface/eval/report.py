@@ -7,6 +7,8 @@ import os
 
 from prettytable import PrettyTable
 
+from .metrics import impostors_needed
+
 
 def atomic_write(path, data, mode="w"):
     """Write to a temp file beside `path`, then os.replace, so a crash never leaves half a file."""
@@ -45,15 +47,61 @@ def write_csv(path, header, rows):
     atomic_write(path, buffer.getvalue())
 
 
+NOT_RESOLVED = "-"
+
+
 def percent(value):
-    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else "%.2f" % (value * 100)
+    """'%.2f' percent; '-' for a TAR that was not measured (too few impostor pairs), 'nan' for NaN."""
+    if value is None:
+        return NOT_RESOLVED
+    return "nan" if isinstance(value, float) and math.isnan(value) else "%.2f" % (value * 100)
 
 
-def tar_table(rows, far_keys):
-    """Upstream's IJB table: 'Methods' + one column per FAR, TAR printed as '%.2f' percent."""
-    table = PrettyTable(["Methods"] + list(far_keys))
+class NotedTable(PrettyTable):
+    """A PrettyTable whose text ends with its footnotes, so every printer of the table prints them too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notes = []
+
+    def get_string(self, **kwargs):
+        text = super().get_string(**kwargs)
+        return "\n".join([text] + self.notes)
+
+
+def unresolved_far_note(far_keys, impostor_counts):
+    """The footnote for '-' cells: what each empty FAR needs, and what the data had.
+
+    impostor_counts: {name: impostor pairs} of the rows concerned (empty when unknown)."""
+    if not far_keys:
+        return None
+    needs = ", ".join(f"{key} needs {impostors_needed(float(key)):,}" for key in far_keys)
+    had = ", ".join(f"{name} has {count:,}" for name, count in impostor_counts.items())
+    return (f"{NOT_RESOLVED} : too few impostor pairs for that FAR to be measured (a FAR needs at least 1/FAR "
+            f"impostor pairs: {needs})" + (f"; {had}" if had else ""))
+
+
+def _sorted_keys(keys):
+    return sorted(set(keys), key=float)
+
+
+def tar_table(rows, far_keys, impostor_pairs=None):
+    """Upstream's IJB table: 'Methods' + one column per FAR, TAR printed as '%.2f' percent, '-' with a
+    footnote where the pair list has too few impostor pairs. impostor_pairs: one count for all rows, or
+    {method: count}; only used to say how many there were."""
+    table = NotedTable(["Methods"] + list(far_keys))
+    empty = []
     for method, tars in rows.items():
         table.add_row([method] + [percent(tars[key]) for key in far_keys])
+        empty += [key for key in far_keys if tars[key] is None]
+    counts = {}
+    if isinstance(impostor_pairs, dict):
+        counts = {m: n for m, n in impostor_pairs.items() if any(rows[m][k] is None for k in far_keys)}
+    elif impostor_pairs is not None and empty:
+        counts = {"the pair list": int(impostor_pairs)}
+    note = unresolved_far_note(_sorted_keys(empty), counts)
+    if note:
+        table.notes.append(note)
     return table
 
 
@@ -67,12 +115,22 @@ def identification_table(results, rank_keys, fpir_keys):
 
 
 def verification_table(results):
-    """.bin results: one row per set."""
-    keys = sorted({k for res in results.values() for k in res["tar_at_far"]}, key=float)
-    table = PrettyTable(["Set", "Accuracy-Flip", "Std", "XNorm", "Best threshold"] + [f"TAR@FAR={k}" for k in keys])
+    """.bin results: one row per set; '-' with a footnote where a set has too few impostor pairs for a FAR."""
+    keys = _sorted_keys(k for res in results.values() for k in res["tar_at_far"])
+    table = NotedTable(["Set", "Accuracy-Flip", "Std", "XNorm", "Best threshold"] + [f"TAR@FAR={k}" for k in keys])
+    empty, counts = [], {}
     for name, res in results.items():
+        tars = [res["tar_at_far"].get(k) for k in keys]
         table.add_row([name, "%1.5f" % res["accuracy"], "%1.5f" % res["std"], "%f" % res["xnorm"],
-                       "%.2f" % res["best_threshold"]] + [percent(res["tar_at_far"].get(k)) for k in keys])
+                       "%.2f" % res["best_threshold"]] + [percent(t) for t in tars])
+        missing = [k for k, t in zip(keys, tars) if t is None]
+        if missing:
+            empty += missing
+            if "impostor_pairs" in res:
+                counts[name] = int(res["impostor_pairs"])
+    note = unresolved_far_note(_sorted_keys(empty), counts)
+    if note:
+        table.notes.append(note)
     return table
 
 

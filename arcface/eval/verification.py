@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .metrics import far_key, kfold_accuracy, supported_fars, tar_at_far
+from .metrics import far_key, kfold_accuracy, resolved_tar_at_far, roc_curve
 
 VERIFICATION_THRESHOLDS = np.arange(0, 4, 0.01)
 VERIFICATION_FARS = (1e-3, 1e-2, 1e-1)
@@ -121,8 +121,12 @@ def evaluate_embeddings(emb, emb_flip, issame, nfolds=10, fars=VERIFICATION_FARS
     dist = np.sum(np.square(joint[0::2] - joint[1::2]), axis=1)
     fold_acc, fold_thr = kfold_accuracy(dist, issame, VERIFICATION_THRESHOLDS, nfolds)
     overall = ((dist[:, None] < VERIFICATION_THRESHOLDS[None, :]) == issame[:, None]).mean(0)
-    usable = supported_fars(int((~issame).sum()), fars) if issame.any() else ()
-    tars = tar_at_far(issame.astype(np.int64), -dist, usable) if usable else {}
+    impostors = int((~issame).sum())
+    if issame.any() and impostors:
+        fpr, tpr, _ = roc_curve(issame.astype(np.int64), -dist)
+        tars = resolved_tar_at_far(fpr, tpr, fars, impostors)  # the IJB tables use the same rule
+    else:
+        tars = {float(far): None for far in fars}
     return {
         "accuracy": float(fold_acc.mean()),
         "std": float(fold_acc.std()),
@@ -132,6 +136,7 @@ def evaluate_embeddings(emb, emb_flip, issame, nfolds=10, fars=VERIFICATION_FARS
         "fold_thresholds": fold_thr.tolist(),
         "tar_at_far": {far_key(far): tar for far, tar in tars.items()},
         "pairs": int(issame.size),
+        "impostor_pairs": impostors,
     }
 
 
