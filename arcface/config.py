@@ -1,9 +1,12 @@
-"""Config files as in arcface_torch: `config = edict(...)` in python, `configs/base.py` merged with a job file.
+"""Config files as in arcface_torch: `config = edict(...)` in python, the defaults merged under a job file.
 
 Differences from upstream, all for safety: the job file may live anywhere (upstream requires `configs/`
-and the working directory), unknown keys are an error naming the nearest known key, values given on the
-command line (`--set lr=0.05 kd.enabled=True`) override the file, and legacy keys of older upstream
-configs are accepted and reported as ignored.
+and the working directory), the defaults ship with the package (arcface/config_defaults.py), unknown keys are
+an error naming the nearest known key, values given on the command line (`--set lr=0.05 kd.enabled=True`)
+override the file, and legacy keys of older upstream configs are accepted and reported as ignored.
+
+The engine checks its own keys only. A top-level key owned by a plugin (found through the plugin registry,
+arcface/engine/plugins.py) gets that plugin's defaults and is checked by the plugin.
 """
 import ast
 import logging
@@ -13,16 +16,32 @@ from pathlib import Path
 
 from easydict import EasyDict as edict
 
-from .config_keys import ALL_KEYS, LEGACY_KEYS
+from .config_defaults import engine_defaults
+from .config_keys import ALL_KEYS, DERIVED_KEYS, LEGACY_KEYS
+from .engine.plugins import PLUGINS, discover_plugins, parse_plugin_entry, plugin_sections, validate_sections
 from .errors import ConfigError, did_you_mean
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 log = logging.getLogger(__name__)
 
 
 def unknown_key_error(key, known, where):
-    return ConfigError(f"{where}: unknown config key '{key}'{did_you_mean(key, known)} "
-                       "(every key is listed in docs/configs.md)")
+    if key in DERIVED_KEYS:
+        return ConfigError(f"{where}: '{key}' is not a config key: it is {DERIVED_KEYS[key]}; remove it")
+    hint = "every key is listed in docs/configs.md"
+    if not plugin_sections():
+        hint += ("; no plugin with a config section is registered: `pip install -e .` registers this project's "
+                 "plugins (e.g. the KD plugin's `kd`)")
+    return ConfigError(f"{where}: unknown config key '{key}'{did_you_mean(key, known)} ({hint})")
+
+
+def base_config():
+    """What an empty job file loads to: the engine's defaults and the defaults of every registered plugin's
+    config section."""
+    discover_plugins()
+    cfg = engine_defaults()
+    for key, cls in plugin_sections().items():
+        cfg[key] = cls.config_section.defaults()
+    return cfg
 
 
 def _load_py(path):
@@ -58,24 +77,29 @@ def _to_edict(value):
     return value
 
 
-def load_config(path, overrides=(), base=BASE_CONFIG):
+def load_config(path, overrides=()):
     """Return the merged, validated EasyDict for a job file (plus `key=value` overrides)."""
-    _, cfg = _load_py(base)
-    cfg = edict(cfg)
     path, job = _load_py(path)
-    known = set(ALL_KEYS)
+    overrides = [parse_override(item) for item in overrides]
+    modules = job.get("plugin_modules") or []
+    for keys, value in overrides:
+        if keys == ["plugin_modules"]:
+            modules = value
+    discover_plugins(modules if isinstance(modules, (list, tuple)) else [modules])
+    cfg = base_config()
+    sections = plugin_sections()
+    known = set(ALL_KEYS) | set(sections)
     for key, value in dict(job).items():
         if key not in known:
             raise unknown_key_error(key, known, str(path))
         if key in LEGACY_KEYS:
             log.warning("%s: legacy key '%s' is ignored (%s)", path, key, LEGACY_KEYS[key])
-        if key == "kd" and isinstance(value, dict) and isinstance(cfg.get("kd"), dict):
-            merged = edict(cfg.kd)
+        if key in sections and isinstance(value, dict):
+            merged = edict(cfg[key])  # a section the job writes in part keeps the other defaults
             merged.update(value)
             value = merged
         cfg[key] = _to_edict(value)
-    for item in overrides:
-        keys, value = parse_override(item)
+    for keys, value in overrides:
         if keys[0] not in known:
             raise unknown_key_error(keys[0], known, "--set")
         node = cfg
@@ -108,4 +132,14 @@ def validate(cfg, where="config"):
     need(cfg.device in ("auto", "cpu", "cuda"), f"`device` must be auto, cpu or cuda, got {cfg.device!r}")
     need(isinstance(cfg.val_targets, (list, tuple)), f"`val_targets` must be a list of names, got {cfg.val_targets!r}")
     need(isinstance(cfg.network_kwargs, dict), f"`network_kwargs` must be a dict, got {cfg.network_kwargs!r}")
-    return cfg
+    need(isinstance(cfg.get("plugins", []), (list, tuple)), f"`plugins` must be a list, got {cfg.get('plugins')!r}")
+    modules = cfg.get("plugin_modules", [])
+    need(isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules),
+         f"`plugin_modules` must be a list of module names, got {modules!r}")
+    discover_plugins(modules)
+    for entry in cfg.get("plugins") or []:
+        try:
+            PLUGINS.get(parse_plugin_entry(entry)[0])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: `plugins`: {exc}") from None
+    return validate_sections(cfg, where)

@@ -1,8 +1,9 @@
 """The documented set of config keys.
 
-Every key a config may set lives here with one line of meaning; `configs/base.py` holds the defaults.
-The loader rejects anything else (with the nearest known key), so a typo never silently trains with a
-default. `docs/configs.md` is checked against this table by the tests.
+Every key a config may set lives here with one line of meaning; arcface/config_defaults.py holds the defaults.
+The loader rejects anything else (with the nearest known key, or the plugin section it might be), so a typo
+never silently trains with a default. Plugin sections (e.g. `kd`) are documented by their plugins.
+`docs/configs.md` is checked against these tables by the tests.
 """
 
 # Keys of insightface arcface_torch's base.py and job files, same names and meanings.
@@ -73,16 +74,19 @@ ENGINE_KEYS = {
     "device": "auto, cpu or cuda",
     "dist_backend": "None picks nccl on CUDA and gloo on CPU",
     "tensorboard": "write TensorBoard scalars to <output>",
-    "plugins": "names of extra registered plugins to switch on (the KD plugin is switched on by kd.enabled)",
-    "kd": "the knowledge-distillation section (see docs/configs.md#kd); off unless kd.enabled",
+    "plugins": "registered plugins to switch on: names, or dicts {'name': ..., **parameters}; a plugin with a config "
+               "section (the KD plugin's `kd`) is switched on by `<section>.enabled = True` instead",
+    "plugin_modules": "python modules to import before the config is checked, so that the plugins they register "
+                      "(and their config sections) are known; installed packages register through the "
+                      "'arcface.plugins' entry point group instead",
 }
 
-# Keys the trainer writes into the config at run time.
-RUNTIME_KEYS = {
-    "total_batch_size": "batch_size x world_size (written at start)",
-    "warmup_step": "optimizer steps of warmup (written at start)",
-    "total_step": "optimizer steps in total (written at start)",
-    "config_name": "file name of the job config (written at start)",
+# Keys the engine derives itself; a job file that sets one is refused, since its value would be overwritten.
+DERIVED_KEYS = {
+    "config_name": "the job file's name without .py (set by the loader)",
+    "total_batch_size": "batch_size x world size (the trainer's schedule; not a config key)",
+    "warmup_step": "optimizer steps of warmup, from warmup_epoch (the trainer's schedule; not a config key)",
+    "total_step": "optimizer steps in total, from num_epoch / max_steps (the trainer's schedule; not a config key)",
 }
 
-ALL_KEYS = {**UPSTREAM_KEYS, **LEGACY_KEYS, **ENGINE_KEYS, **RUNTIME_KEYS}
+ALL_KEYS = {**UPSTREAM_KEYS, **LEGACY_KEYS, **ENGINE_KEYS}

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from easydict import EasyDict as edict  # noqa: E402
 
 from arcface.backbones import get_model  # noqa: E402
-from arcface.config import BASE_CONFIG, _load_py  # noqa: E402
+from arcface.config import base_config  # noqa: E402
 from arcface.engine.hooks import StepBatch, TrainContext  # noqa: E402
 from arcface.losses import CombinedMarginLoss  # noqa: E402
 from arcface.partial_fc import PartialFC_V2  # noqa: E402
@@ -41,8 +41,7 @@ def main():
     teacher_path = os.path.join(tmp, "teacher.pt")
     torch.save(get_model(args.teacher, input_size=args.size).state_dict(), teacher_path)
 
-    _, cfg = _load_py(BASE_CONFIG)
-    cfg = edict(cfg)
+    cfg = base_config()
     cfg.update(embedding_size=d, input_size=args.size, batch_size=args.batch, sampler="pk", fp16=False)
     cfg.kd = edict(enabled=True, teacher_network=args.teacher, teacher_weights=teacher_path, teacher_check=False,
                    losses={"iled": {"weight": 10.0}, "rpsd": {"weight": 10.0, "bank": args.bank, "k_neg": 256}})

@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arcface.backbones import get_model  # noqa: E402
-from arcface.config import BASE_CONFIG, _load_py, validate  # noqa: E402
+from arcface.config import base_config, validate  # noqa: E402
 from arcface.data.datasets import RecordDataset  # noqa: E402
 from arcface.data.packing import write_insightface_rec  # noqa: E402
 from arcface.engine import distributed as D  # noqa: E402
@@ -80,8 +80,7 @@ def calibrated(model, size, batches=2):
 
 
 def make_cfg(args, rec, teacher_path, cache, device):
-    _, base = _load_py(BASE_CONFIG)
-    cfg = edict(base)
+    cfg = base_config()
     cfg.update(dict(rec=str(rec), num_classes=args.classes, network=args.student, embedding_size=512,
                     input_size=args.input_size, batch_size=args.batch, num_workers=0, device=device.type,
                     fp16=False, val_targets=[], output=str(Path(cache).parent / "out")))

@@ -1,8 +1,9 @@
 """The adapter that patches/ukd_train_v2.patch calls from a user's own arcface_torch train_v2.py.
 
 It wraps upstream's objects at run time around our UKD plugin (plugins.ukd, from `pip install -e /path/to/ukd`),
-calling the plugin hooks in the order our engine does (arcface/engine/trainer.py), while upstream keeps its own
-loss scaling, clipping, accumulation and checkpoint files:
+driving it with the engine's own PluginDriver and TermWindow (arcface/engine/plugin_driver.py: the same hook
+order, wrapping and log names as our trainer), while upstream keeps its own loss scaling, clipping, accumulation
+and checkpoint files:
 
     UKDGraft(cfg, backbone, ...)      after the DDP wrap, before the optimizer: teacher (frozen, never DDP),
                                       projector (own DDP when distributed) attached to the DDP wrapper, so
@@ -25,6 +26,7 @@ import torch
 from easydict import EasyDict as edict
 
 from arcface.engine.hooks import StepBatch, TrainContext
+from arcface.engine.plugin_driver import PluginDriver, TermWindow
 from arcface.errors import CheckpointError, ConfigError
 from plugins.ukd.plugin import UKDPlugin
 
@@ -89,25 +91,22 @@ class UKDGraft:
         self.backbone = backbone
         self._optimizer_checked = False
         self._last_batch = None
-        self._window, self._window_count = {}, 0
+        self._window = TermWindow()
 
         forked = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(int(self.cfg.seed) + SEED_OFFSET)
             self.plugin = UKDPlugin(self.cfg)
+            self.plugins = PluginDriver([self.plugin])
             self.projector = self.plugin.projector
-            wrapped = []
-            if self.projector is not None:
-                self.projector.to(self.device)
-                wrapped = [self._wrap(self.projector)]
-            self.plugin.bind_trainable(wrapped)
-            ctx = TrainContext(cfg=self.cfg, backbone=student, device=self.device, rank=self.rank,
-                               world_size=self.world_size, output=str(self.cfg.output))
-            self.plugin.before_training(ctx)
-        if wrapped:
+            self.plugins.attach(self._wrap, self.device)
+            self.plugins.before_training(TrainContext(
+                cfg=self.cfg, backbone=student, device=self.device, rank=self.rank, world_size=self.world_size,
+                output=str(self.cfg.output)))
+        if self.plugins.trainable:
             # A submodule of the DDP wrapper, not of .module: backbone.parameters() (optimizer group 0, the
             # clip_grad_norm_ call) includes it, backbone.module.state_dict() (model.pt) does not.
-            setattr(backbone, PROJECTOR_ATTR, wrapped[0])
+            setattr(backbone, PROJECTOR_ATTR, self.plugins.trainable[0])
 
     def _wrap(self, module):
         if self.world_size <= 1 or not torch.distributed.is_initialized():
@@ -130,15 +129,12 @@ class UKDGraft:
         # upstream counts micro-steps from 1; the plugin wants the 0-based optimizer step (ramps, random negatives)
         step = (int(global_step) - 1) // self.gradient_acc
         batch = StepBatch(images=images, labels=labels, embeddings=local_embeddings, step=step)
-        terms = self.plugin.after_forward(batch)
+        terms = self.plugins.loss_terms(batch)
         self._last_batch = batch
         total = loss
         for value in terms.values():
             total = total + value
-        self._window["loss/cls"] = self._window.get("loss/cls", 0.0) + float(loss.detach())
-        for name, value in terms.items():  # weighted terms, as the engine logs them: loss/kd/<term>
-            self._window[f"loss/{name}"] = self._window.get(f"loss/{name}", 0.0) + float(value.detach())
-        self._window_count += 1
+        self._window.add({"cls": loss, **terms})  # logged as the engine logs them: loss/cls, loss/kd/<term>
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return total
 
@@ -167,9 +163,9 @@ class UKDGraft:
             self._check_optimizer(opt)
         global_step = int(global_step)
         if global_step % self.gradient_acc == 0 and self._last_batch is not None:
-            self.plugin.after_step(self._last_batch)
+            self.plugins.after_step(self._last_batch)
         frequent = int(self.cfg.frequent)
-        if frequent > 0 and global_step % frequent == 0 and self._window_count:
+        if frequent > 0 and global_step % frequent == 0 and self._window.count:
             self._log(global_step)
 
     def _check_optimizer(self, opt):
@@ -186,9 +182,8 @@ class UKDGraft:
         self._optimizer_checked = True
 
     def _log(self, global_step):
-        values = {name: total / self._window_count for name, total in self._window.items()}
-        values.update(self.plugin.scalars())
-        self._window, self._window_count = {}, 0
+        _, values = self._window.take()
+        values.update(self.plugins.scalars())
         if self.rank != 0:
             return
         shown = "  ".join(f"{name} {value:.4f}" for name, value in values.items()

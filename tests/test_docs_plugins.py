@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from plugins.registry import KD_LOSSES, build_kd_loss
+from plugins.ukd import KD_LOSSES, build_kd_loss
 from plugins.ukd.batch import KDBatch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from plugins.ukd import losses as _losses  # noqa: F401  (registers the losses)
-from plugins.registry import build_kd_loss
+from plugins.ukd import build_kd_loss
 from plugins.ukd.batch import KDBatch
 
 WORLD = 2

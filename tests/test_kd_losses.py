@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from arcface.errors import ConfigError
-from plugins.registry import KD_LOSSES, build_kd_loss
+from plugins.ukd import KD_LOSSES, build_kd_loss
 from plugins.ukd import losses as _losses  # noqa: F401  (registers the losses)
 from plugins.ukd.batch import KDBatch
 from plugins.ukd.composer import KDComposer

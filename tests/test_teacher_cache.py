@@ -15,11 +15,12 @@ from easydict import EasyDict as edict
 from PIL import Image
 
 from arcface.backbones import get_model
-from arcface.config import BASE_CONFIG, _load_py, validate
+from arcface.config import base_config, validate
 from arcface.data.packing import write_insightface_rec
 from arcface.engine.hooks import StepBatch, TrainContext
 from arcface.errors import ConfigError, DataError
 from plugins.ukd import cache as C
+from plugins.ukd.cache import build as cache_build, file_format
 from plugins.ukd.plugin import UKDPlugin
 from plugins.ukd.teacher_backends import build_teacher_backend
 
@@ -57,8 +58,7 @@ def make_teacher(path, seed=0):
 
 
 def make_cfg(rec, teacher, cache=None, **kw):
-    _, base = _load_py(BASE_CONFIG)
-    cfg = edict(base)
+    cfg = base_config()
     cfg.update(dict(rec=str(rec), num_classes=5, network="mbf", embedding_size=DIM, input_size=SIZE,
                     network_kwargs={"width": 0.25}, batch_size=BATCH, num_workers=0, device="cpu", fp16=False,
                     val_targets=[], output="/tmp/unused"))
@@ -146,10 +146,10 @@ def test_kill_and_resume_gives_identical_bytes(world, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         real_write(*args)
 
-    monkeypatch.setattr(C, "write_progress", killed_after_two)
+    monkeypatch.setattr(file_format, "write_progress", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         C.build_teacher_cache(world.cfg, out=out, batch_size=BATCH, chunk_size=CHUNK, progress=False)
-    monkeypatch.setattr(C, "write_progress", real_write)
+    monkeypatch.setattr(file_format, "write_progress", real_write)
     assert not C.read_header(out)[1]
     with pytest.raises(ConfigError, match=r"incomplete \(2 of 3 chunks"):
         cfg = make_cfg(world.rec, world.teacher, out, kd={"teacher_backend": "cache"})
@@ -157,7 +157,7 @@ def test_kill_and_resume_gives_identical_bytes(world, tmp_path, monkeypatch):
 
     written = []
     real_rows = C.write_rows
-    monkeypatch.setattr(C, "write_rows", lambda cache, rows, emb: (written.extend(rows), real_rows(cache, rows, emb)))
+    monkeypatch.setattr(cache_build, "write_rows", lambda cache, rows, emb: (written.extend(rows), real_rows(cache, rows, emb)))
     C.build_teacher_cache(world.cfg, out=out, progress=False)  # batch/chunk sizes come from the partial file
     assert sorted(written) == list(range(2 * CHUNK, N))
     assert file_bytes(out) == file_bytes(world.out)
@@ -184,14 +184,14 @@ def test_rerun_of_complete_cache_is_a_no_op_and_other_settings_need_restart(worl
 def _rank_build(rank, world_size, init_file, cfg, out, log_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    real_write = C.write_progress
+    real_write = file_format.write_progress
 
     def logged(path, rank_, digest, done):  # which chunks this rank computed
         with open(os.path.join(log_dir, f"rank{rank_}.txt"), "w") as f:
             f.write(",".join(map(str, sorted(done))))
         real_write(path, rank_, digest, done)
 
-    C.write_progress = logged
+    file_format.write_progress = logged
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         C.build_teacher_cache(cfg, out=out, batch_size=BATCH, chunk_size=CHUNK, progress=False)

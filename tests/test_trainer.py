@@ -3,17 +3,15 @@ import os
 
 import pytest
 import torch
-from easydict import EasyDict as edict
 
-from arcface.config import BASE_CONFIG, _load_py, validate
+from arcface.config import base_config, validate
 from arcface.engine.trainer import train
 from arcface.errors import CheckpointError, TrainingDiverged
 from engine_utils import CrashAfter, TensorLoader, make_data
 
 
 def tiny_cfg(tmp_path, **kw):
-    _, base = _load_py(BASE_CONFIG)
-    cfg = edict(base)
+    cfg = base_config()
     cfg.update(dict(rec="synthetic", num_classes=8, num_image=96, network="mbf", embedding_size=16,
                     input_size=16, network_kwargs={"width": 0.25}, batch_size=8, lr=0.05, num_epoch=2,
                     warmup_epoch=0, output=str(tmp_path / "out"), frequent=2, tensorboard=False,
@@ -69,11 +67,11 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     images, labels = make_data()
     cfg = tiny_cfg(tmp_path, gradient_acc=3, num_epoch=1)
     trainer = train(cfg, TensorLoader(images, labels, 8))
-    assert trainer.global_step == 4 and cfg.total_step == 4  # 12 batches / 3 micro-steps
+    assert trainer.global_step == 4 and trainer.schedule.total_step == 4  # 12 batches / 3 micro-steps
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    from plugins.registry import PLUGINS, Plugin, register_plugin
+    from arcface.engine.plugins import PLUGINS, Plugin, register_plugin
 
     if "nan_at_step" not in PLUGINS:
         @register_plugin("nan_at_step")
@@ -130,6 +128,6 @@ def test_adamw_and_bf16_autocast_train(tmp_path):
     cfg = tiny_cfg(tmp_path, optimizer="adamw", lr=0.01, weight_decay=0.05, fp16=True, num_epoch=3)
     trainer = train(cfg, TensorLoader(images, labels, 8))
     assert isinstance(trainer.optimizer, torch.optim.AdamW) and len(trainer.optimizer.param_groups) == 2
-    assert trainer.scaler is None  # no GradScaler off CUDA
+    assert trainer.precision.scaler is None  # no GradScaler off CUDA
     losses = [l for _, l in trainer.history]
     assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6

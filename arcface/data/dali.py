@@ -15,9 +15,9 @@ import os
 import torch
 
 from ..errors import ConfigError, DataError
+from .batch import Batch
 from .datasets import decode_image
 from .layout import INSIGHTFACE, read_layout, unpack_record
-from .loader import Batch
 from .recordio import RecordIO
 
 log = logging.getLogger(__name__)

@@ -11,14 +11,13 @@ import functools
 import logging
 import os
 import random
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, DataError
+from .batch import Batch
 from .datasets import ImageFolderDataset, RecordDataset, SyntheticDataset
 from .layout import rec_paths
 from .samplers import DistributedSampler, PKBatchSampler
@@ -26,15 +25,6 @@ from .samplers import DistributedSampler, PKBatchSampler
 log = logging.getLogger(__name__)
 
 SYNTHETIC_LENGTH = 1_000_000  # upstream's SyntheticDataset length
-
-
-@dataclass
-class Batch:
-    """One training batch on the device."""
-    images: torch.Tensor                   # [b, 3, H, W] float32, (x - 127.5) / 127.5, RGB
-    labels: torch.Tensor                   # [b] int64
-    index: Optional[torch.Tensor] = None   # [b] int64 dataset indices (None where the loader cannot tell)
-    flip: Optional[torch.Tensor] = None    # [b] bool, horizontally flipped
 
 
 def seed_worker(worker_id, base_seed):

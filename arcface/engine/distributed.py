@@ -5,6 +5,7 @@ Nothing happens at import time (upstream creates the process group when train_v2
 """
 import gc
 import os
+import pickle
 import tempfile
 
 import torch
@@ -90,3 +91,33 @@ def broadcast_object(obj, src=0):
 def barrier():
     if get_world_size() > 1:
         dist.barrier()
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 only; every rank returns its result or raises the exception it raised.
+
+    For work one rank must do alone (read a file, evaluate a model) whose outcome all ranks must act on: the
+    exception object itself travels, so every rank stops with the same error type and message, instead of one
+    rank raising while the others wait in the next collective. Rank 0 re-raises the original, traceback and all.
+    """
+    outcome = None
+    if get_rank() == 0:
+        try:
+            outcome = (True, fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            outcome = (False, exc)
+    if get_world_size() > 1:
+        sent = outcome
+        if get_rank() == 0:
+            try:
+                pickle.dumps(outcome)
+            except Exception as err:  # noqa: BLE001 - the other ranks must hear something
+                sent = (False, RuntimeError(f"rank 0: {outcome[1]!r} (its {'result' if outcome[0] else 'error'} "
+                                            f"could not be sent to the other ranks: {err})"))
+        received = broadcast_object(sent)
+        if get_rank() != 0:
+            outcome = received
+    ok, value = outcome
+    if ok:
+        return value
+    raise value

@@ -1,4 +1,8 @@
-"""What the training loop hands to plugins. The engine knows nothing of KD; plugins know nothing of data formats."""
+"""What the training loop hands to plugins, and the Plugin base class.
+
+The engine knows nothing of distillation; plugins know nothing of data formats. How the hooks are called, in
+which order and with what wrapping, is written once in plugin_driver.py.
+"""
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -26,17 +30,27 @@ class TrainContext:
     world_size: int
     train_loader: Any = None
     output: str = ""
+    schedule: Any = None            # the run's TrainSchedule (steps per epoch, total steps), None outside training
 
 
 class Plugin:
     """Base class of engine plugins. Override only what you need; every hook has a harmless default.
 
     Order in one optimizer step: (after_forward per micro-step) -> backward -> optimizer -> after_step.
+    A plugin that owns a config section sets `config_section` (an arcface.engine.plugins.ConfigSection); the
+    loader then resolves `cfg.<key>` with its defaults and passes it through `validate_section`.
     """
     name = "plugin"
+    config_section = None
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @classmethod
+    def validate_section(cls, section):
+        """The resolved section (defaults merged, keys checked) -> the section to keep; raise ConfigError on a bad
+        value. Called while the config loads, also when the plugin is off."""
+        return section
 
     def trainable_modules(self) -> List[torch.nn.Module]:
         """Modules trained with the student (a projector, say): wrapped by DDP with it, optimised, clipped."""

@@ -1,8 +1,10 @@
 """The training loop: arcface_torch's train_v2.py flow, made testable, resumable and plugin-aware.
 
-One optimizer step = gradient_acc micro-steps. Per micro-step: student forward -> Partial FC loss ->
-plugin.after_forward terms -> (total / gradient_acc).backward() (no DDP sync until the last micro-step).
-Per optimizer step: unscale -> clip -> optimizer -> scheduler -> plugin.after_step -> log / verify / save.
+One optimizer step = gradient_acc micro-steps. Per micro-step (`_micro_step`): student forward -> Partial FC
+loss -> the plugins' terms -> backward of (total / gradient_acc), without DDP sync until the last micro-step.
+Per optimizer step (`_end_of_step`): unscale -> clip -> optimizer -> LR schedule -> plugins' after_step ->
+log line -> verification -> checkpoint. The pieces: MixedPrecision (precision.py) hides the grad scaler,
+TrainSchedule (schedule.py) the step counts, PluginDriver (plugin_driver.py) the plugin hooks.
 """
 import contextlib
 import inspect
@@ -13,29 +15,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as D
 from .checkpoint import atomic_save, checkpoint_path, load_checkpoint, rng_state, set_rng_state
+from .device import pick_device, seed_everything
 from .hooks import StepBatch, TrainContext
 from .logging import TrainLogger, init_logging
+from .plugin_driver import PluginDriver, TermWindow
+from .plugins import build_plugins
+from .precision import MixedPrecision
+from .schedule import TrainSchedule
 from .scheduler import PolynomialLRWarmup
-from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..errors import CheckpointError, TrainingDiverged
 from ..losses import CombinedMarginLoss
 from ..partial_fc import PartialFC_V2
-
-
-def pick_device(cfg):
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but CUDA is not available")
-        return torch.device("cuda", D.get_local_rank())
-    return torch.device("cpu")
-
-
-def seed_everything(seed):
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
 
 
 def build_backbone(cfg):
@@ -71,16 +61,7 @@ class Trainer:
         if self.train_loader is None:
             from ..data.loader import get_dataloader
             self.train_loader = get_dataloader(cfg, self.rank, self.world_size, self.device)
-        batches_per_epoch = len(self.train_loader)
-        if batches_per_epoch < cfg.gradient_acc:
-            raise ConfigError(f"only {batches_per_epoch} batches per epoch per rank, fewer than gradient_acc="
-                              f"{cfg.gradient_acc}; use a smaller batch_size or more data")
-        self.steps_per_epoch = batches_per_epoch // cfg.gradient_acc
-        cfg.total_batch_size = cfg.batch_size * self.world_size
-        cfg.warmup_step = int(self.steps_per_epoch * max(cfg.warmup_epoch, 0))
-        cfg.total_step = int(self.steps_per_epoch * cfg.num_epoch)
-        if cfg.max_steps:
-            cfg.total_step = min(cfg.total_step, int(cfg.max_steps)) if cfg.num_epoch else int(cfg.max_steps)
+        self.schedule = TrainSchedule.from_config(cfg, len(self.train_loader), self.world_size)
 
         self.backbone = build_backbone(cfg).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -90,26 +71,19 @@ class Trainer:
             load_backbone_weights(self.backbone, cfg.pretrained_backbone, strict=True, what="pretrained_backbone")
             self.log.info(f"backbone initialised from {cfg.pretrained_backbone}")
 
-        from plugins.registry import build_plugins
-        self.plugins = build_plugins(cfg)
+        self.plugins = PluginDriver(build_plugins(cfg))
         self.ddp = self._wrap(self.backbone)
-        student_params = list(self.backbone.parameters())
-        self.plugin_modules = []
-        for plugin in self.plugins:
-            modules = [m.to(self.device) for m in plugin.trainable_modules()]
-            wrapped = [self._wrap(m) for m in modules]
-            plugin.bind_trainable(wrapped)
-            self.plugin_modules += wrapped
-            for m in modules:
-                student_params += [p for p in m.parameters() if p.requires_grad]
+        plugin_params = self.plugins.attach(self._wrap, self.device)
+        self.clip_params = list(self.backbone.parameters()) + [p for m in self.plugins.trainable
+                                                               for p in m.parameters()]
 
         margin = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
         self.pfc = PartialFC_V2(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
                                 fp16=False).to(self.device)
-        self.optimizer = build_optimizer(cfg, [p for p in student_params if p.requires_grad], self.pfc)
-        self.scheduler = PolynomialLRWarmup(self.optimizer, cfg.warmup_step, cfg.total_step)
-        self.amp = cfg.fp16 and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", growth_interval=100) if self.amp else None
+        student_params = [p for p in list(self.backbone.parameters()) + plugin_params if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, student_params, self.pfc)
+        self.lr_scheduler = PolynomialLRWarmup(self.optimizer, self.schedule.warmup_step, self.schedule.total_step)
+        self.precision = MixedPrecision(cfg.fp16, self.device)
 
         self.start_epoch, self.start_batch, self.global_step = 0, 0, 0
         if cfg.resume:
@@ -119,19 +93,18 @@ class Trainer:
         if self.rank == 0 and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
-        self.logger = TrainLogger(cfg.frequent, cfg.total_step, cfg.batch_size, self.world_size,
+        self.logger = TrainLogger(cfg.frequent, self.schedule.total_step, cfg.batch_size, self.world_size,
                                   start_step=self.global_step, writer=self.writer, rank=self.rank)
+        self.window = TermWindow()
         self.verification = self._build_verification()
-        ctx = TrainContext(cfg=cfg, backbone=self.backbone, device=self.device, rank=self.rank,
-                           world_size=self.world_size, train_loader=self.train_loader, output=cfg.output)
-        for plugin in self.plugins:
-            plugin.before_training(ctx)
+        self.plugins.before_training(TrainContext(
+            cfg=cfg, backbone=self.backbone, device=self.device, rank=self.rank, world_size=self.world_size,
+            train_loader=self.train_loader, output=cfg.output, schedule=self.schedule))
         if self.rank == 0:
             for key in sorted(cfg):
-                if key != "kd":
-                    self.log.info(f": {key:<32}{cfg[key]}")
-            self.log.info(f"world_size {self.world_size}, device {self.device}, {self.steps_per_epoch} steps/epoch, "
-                          f"{cfg.total_step} steps in total, starting at step {self.global_step}")
+                self.log.info(f": {key:<32}{cfg[key]}")
+            self.log.info(f"world_size {self.world_size}, device {self.device}, {self.schedule.describe()}, "
+                          f"starting at step {self.global_step}")
 
     def _wrap(self, module):
         if self.world_size == 1:
@@ -154,28 +127,24 @@ class Trainer:
 
     def _resume(self):
         ckpt = load_checkpoint(self.cfg.output, self.rank, self.world_size, self.cfg.num_classes)
+        path = checkpoint_path(self.cfg.output, self.rank)
         try:
             self.backbone.load_state_dict(ckpt["state_dict_backbone"])
             self.pfc.load_state_dict(ckpt["state_dict_softmax_fc"])
             self.optimizer.load_state_dict(ckpt["state_optimizer"])
         except (RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"resume: {checkpoint_path(self.cfg.output, self.rank)} does not match the "
-                                  f"configured network/optimizer: {exc}") from exc
+            raise CheckpointError(f"resume: {path} does not match the configured network/optimizer: {exc}") from exc
         if ckpt.get("state_lr_scheduler"):
-            self.scheduler.load_state_dict(ckpt["state_lr_scheduler"])
-        if self.scaler is not None and ckpt.get("state_grad_scaler"):
-            self.scaler.load_state_dict(ckpt["state_grad_scaler"])
-        states = ckpt.get("state_plugins", {})
-        for plugin in self.plugins:
-            if plugin.name in states:
-                plugin.load_state_dict(states[plugin.name])
+            self.lr_scheduler.load_state_dict(ckpt["state_lr_scheduler"])
+        self.precision.load_state_dict(ckpt.get("state_grad_scaler"))
+        self.plugins.load_state_dict(ckpt.get("state_plugins", {}), f"resume: {path}")
         set_rng_state(ckpt.get("rng"))
         self.start_epoch = int(ckpt["epoch"])
         self.start_batch = int(ckpt.get("batch_in_epoch", 0))
         self.global_step = int(ckpt["global_step"])
         self.pfc.last_batch_size = 0
-        self.log.info(f"resumed from {checkpoint_path(self.cfg.output, self.rank)}: epoch {self.start_epoch}, "
-                      f"batch {self.start_batch}, global step {self.global_step}")
+        self.log.info(f"resumed from {path}: epoch {self.start_epoch}, batch {self.start_batch}, "
+                      f"global step {self.global_step}")
 
     # ------------------------------------------------------------------ saving
     def save(self, epoch, batch_in_epoch):
@@ -186,9 +155,9 @@ class Trainer:
                 "state_dict_backbone": self.backbone.state_dict(),
                 "state_dict_softmax_fc": self.pfc.state_dict(),
                 "state_optimizer": self.optimizer.state_dict(),
-                "state_lr_scheduler": self.scheduler.state_dict(),
-                "state_grad_scaler": self.scaler.state_dict() if self.scaler else None,
-                "state_plugins": {p.name: p.state_dict() for p in self.plugins},
+                "state_lr_scheduler": self.lr_scheduler.state_dict(),
+                "state_grad_scaler": self.precision.state_dict(),
+                "state_plugins": self.plugins.state_dict(),
                 "rng": rng_state(),
                 "world_size": self.world_size, "num_classes": cfg.num_classes, "network": cfg.network,
             }
@@ -198,11 +167,79 @@ class Trainer:
         D.barrier()
 
     # ------------------------------------------------------------------ loop
-    def _sync_context(self, last_micro):
+    def train(self):
+        self.setup()
+        epoch, done = self.start_epoch, self.global_step >= self.schedule.total_step
+        while not done:
+            batch_idx = self._run_epoch(epoch, self.start_batch if epoch == self.start_epoch else 0)
+            epoch_complete = batch_idx >= self.schedule.batches_used_per_epoch
+            epoch += int(epoch_complete)
+            done = self.global_step >= self.schedule.total_step or epoch >= self.schedule.num_epoch
+            self.save(epoch, 0 if epoch_complete else batch_idx)
+            if getattr(self.train_loader, "bad_records", 0):
+                self.log.warning(f"{self.train_loader.bad_records} bad records skipped so far")
+        if self.verification is not None:
+            self.verification(self.global_step, self.backbone)
+        return self
+
+    def _run_epoch(self, epoch, start_batch):
+        """Optimizer steps until the epoch or the schedule ends; returns the batch index reached."""
+        self.train_loader.set_epoch(epoch, start_batch)
+        batch_idx = start_batch
+        for batch in self.train_loader:
+            if batch_idx >= self.schedule.batches_used_per_epoch:
+                break
+            last_micro = (batch_idx - start_batch + 1) % self.schedule.gradient_acc == 0
+            step_batch = self._micro_step(batch, last_micro)
+            batch_idx += 1
+            if last_micro:
+                self._end_of_step(step_batch, epoch, batch_idx)
+                if self.global_step >= self.schedule.total_step:
+                    break
+        return batch_idx
+
+    def _micro_step(self, batch, last_micro):
+        """Forward and backward of one micro-batch; returns the plugins' view of it."""
+        images = batch.images.contiguous(memory_format=self.memory_format)
+        with self._sync_unless(last_micro):
+            embeddings = self.ddp(images)
+            step_batch = StepBatch(images=images, labels=batch.labels, embeddings=embeddings,
+                                   step=self.global_step, index=batch.index, flip=batch.flip)
+            terms = {"cls": self.pfc(embeddings, batch.labels), **self.plugins.loss_terms(step_batch)}
+            loss = sum(terms.values())
+            self._check_finite(loss, terms)
+            self.precision.backward(loss / self.schedule.gradient_acc)
+        self.window.add(terms)
+        return step_batch
+
+    def _end_of_step(self, step_batch, epoch, batch_idx):
+        """The optimizer step and what follows it, in upstream's order, then this engine's extras."""
+        cfg = self.cfg
+        self.precision.step(self.optimizer, self.clip_params, cfg.clip_grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.plugins.after_step(step_batch)
+        self.global_step += 1
+
+        total, scalars = self.window.take()
+        scalars.update(self.plugins.scalars())
+        self.logger.update(total, scalars)
+        if self.rank == 0:
+            self.history.append((self.global_step, total))
+        self.logger(self.global_step, epoch, self.optimizer.param_groups[0]["lr"], self.precision.scale,
+                    self.schedule.gradient_acc)
+        if self.verification is not None and self.global_step % cfg.verbose == 0:
+            self.verification(self.global_step, self.backbone)  # restores train mode itself
+        if (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0
+                and batch_idx < self.schedule.batches_used_per_epoch):
+            self.save(epoch, batch_idx)
+
+    def _sync_unless(self, last_micro):
+        """DDP gradient sync on the last micro-step only (no_sync before it), for the student and plugin modules."""
         if last_micro or self.world_size == 1:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        for m in [self.ddp] + self.plugin_modules:
+        for m in [self.ddp] + self.plugins.trainable:
             if isinstance(m, DistributedDataParallel):
                 stack.enter_context(m.no_sync())
         return stack
@@ -217,102 +254,12 @@ class Trainer:
                 f"update, the last checkpoint in {self.cfg.output} is intact. Try a lower lr, fp16=False, or "
                 "clip_grad_norm > 0")
 
-    def train(self):
-        self.setup()
-        cfg = self.cfg
-        clip_params = list(self.backbone.parameters()) + [p for m in self.plugin_modules for p in m.parameters()]
-        acc = cfg.gradient_acc
-        self.ddp.train()  # the wrapped backbone too
-        done = self.global_step >= cfg.total_step
-        epoch = self.start_epoch
-        batches_this_epoch = self.steps_per_epoch * acc  # a tail shorter than gradient_acc is left out
-        while not done:
-            start_batch = self.start_batch if epoch == self.start_epoch else 0
-            self.train_loader.set_epoch(epoch, start_batch)
-            batch_idx = start_batch
-            micro = 0
-            window = {}
-            for batch in self.train_loader:
-                if batch_idx >= batches_this_epoch:
-                    break
-                last_micro = (micro + 1) == acc
-                if self.memory_format is torch.channels_last:
-                    batch.images = batch.images.contiguous(memory_format=torch.channels_last)
-                with self._sync_context(last_micro):
-                    embeddings = self.ddp(batch.images)
-                    loss_cls = self.pfc(embeddings, batch.labels)
-                    step_batch = StepBatch(images=batch.images, labels=batch.labels, embeddings=embeddings,
-                                           step=self.global_step, index=getattr(batch, "index", None),
-                                           flip=getattr(batch, "flip", None))
-                    terms = {"cls": loss_cls}
-                    for plugin in self.plugins:
-                        terms.update(plugin.after_forward(step_batch))
-                    loss = sum(terms.values())
-                    self._check_finite(loss, terms)
-                    scaled = loss / acc
-                    if self.scaler is not None:
-                        self.scaler.scale(scaled).backward()
-                    else:
-                        scaled.backward()
-                for k, v in terms.items():
-                    window[k] = window.get(k, 0.0) + float(v.detach()) / acc
-                micro += 1
-                batch_idx += 1
-                if not last_micro:
-                    continue
-                micro = 0
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                if cfg.clip_grad_norm and cfg.clip_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(clip_params, cfg.clip_grad_norm)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                for plugin in self.plugins:
-                    plugin.after_step(step_batch)
-                self.global_step += 1
-                total = sum(window.values())
-                scalars = {f"loss/{k}": v for k, v in window.items() if k != "cls" or len(window) > 1}
-                for plugin in self.plugins:
-                    scalars.update(plugin.scalars())
-                self.logger.update(total, scalars)
-                if self.rank == 0:
-                    self.history.append((self.global_step, total))
-                window = {}
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.logger(self.global_step, epoch, lr, self.scaler.get_scale() if self.scaler else None, acc)
-                if self.verification is not None and self.global_step % cfg.verbose == 0 and self.global_step > 0:
-                    self.verification(self.global_step, self.backbone)  # restores train mode itself
-                if (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0
-                        and batch_idx < batches_this_epoch):
-                    self.save(epoch, batch_idx)
-                if self.global_step >= cfg.total_step:
-                    done = True
-                    break
-            epoch_complete = batch_idx >= batches_this_epoch
-            if epoch_complete:
-                epoch += 1
-            if epoch >= int(cfg.num_epoch):
-                done = True
-            self.save(epoch, 0 if epoch_complete else batch_idx)
-            bad = getattr(self.train_loader, "bad_records", 0)
-            if bad:
-                self.log.warning(f"{bad} bad records skipped so far")
-        if self.verification is not None:
-            self.verification(self.global_step, self.backbone)
-        return self
-
     def close(self):
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         self.ddp = None
-        self.plugin_modules = []
-        for plugin in getattr(self, "plugins", []):
-            plugin.bind_trainable([])
+        if getattr(self, "plugins", None) is not None:
+            self.plugins.detach()
         D.teardown()
 
 

@@ -3,7 +3,6 @@
     python tools/inspect_rec.py <dataset_dir or .rec> [--samples 5] [--dump N --out <folder>] [--json]
 """
 import argparse
-import os
 import sys
 
 

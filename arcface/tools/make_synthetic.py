@@ -6,7 +6,6 @@ identities, an IJB-style folder, and manifest.json (a folder whose manifest matc
     python tools/make_synthetic.py --preview sheet.png --size 112 --difficulty 0.5
 """
 import argparse
-import os
 import sys
 import time
 

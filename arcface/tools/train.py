@@ -4,7 +4,6 @@
     python tools/train.py configs/synth_mbf.py --set lr=0.05 num_epoch=2
 """
 import argparse
-import os
 import sys
 
 
@@ -21,9 +20,7 @@ def main(argv=None):
                         help="override config keys, e.g. --set lr=0.05 kd.enabled=True")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # torch.distributed.launch
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    from plugins.registry import enabled_plugins
-    enabled_plugins(cfg)  # plugin sections (e.g. kd) validated before any process group or data work
+    cfg = load_config(args.config, args.set)  # plugin sections and names checked before any data work
     train(cfg)
     return 0
 

@@ -15,10 +15,8 @@ import inspect
 import torch
 
 from arcface.errors import ConfigError
-from plugins.registry import KD_LOSSES, build_kd_loss
-
-from . import losses as _builtin_losses  # noqa: F401  (importing registers the built-in KD losses)
 from .batch import KDBatch
+from .losses.registry import build_kd_loss, kd_loss_class
 
 _RESERVED = ("weight", "ramp_steps", "loss")
 
@@ -60,7 +58,7 @@ class KDComposer(torch.nn.Module):
                                   f"and set 'loss': '{loss_name}'")
             self.terms[key] = term
             self.weights[key], self.ramps[key], self.loss_names[key] = weight, ramp, loss_name
-            self.params[key] = _effective_params(KD_LOSSES.get(loss_name), entry)
+            self.params[key] = _effective_params(kd_loss_class(loss_name), entry)
 
     def weight_at(self, key, step):
         ramp = self.ramps[key]

@@ -1,7 +1,5 @@
 """The `kd` config section: its keys, defaults and meanings (the single source for validation and docs)."""
-from easydict import EasyDict as edict
-
-from arcface.config import unknown_key_error
+from arcface.engine.plugins import ConfigSection
 
 KD_KEYS = {
     "enabled": (False, "switch the UKD plugin on"),
@@ -31,15 +29,21 @@ KD_KEYS = {
 }
 
 
-def kd_defaults():
-    return edict({k: v[0] for k, v in KD_KEYS.items()})
+KD_SECTION = ConfigSection(
+    key="kd",
+    keys=KD_KEYS,
+    intro=("The knowledge-distillation section, owned by the UKD plugin (`plugins/ukd/`). It is off unless "
+           "`config.kd.enabled = True`; its keys are checked even while it is off. Each term of `kd.losses` is "
+           "`{name: {\"weight\": w, \"ramp_steps\": n, **parameters}}`; the losses and their parameters are listed "
+           "in [plugins.md](plugins.md). Losses that match relations between samples (rpsd) want positive pairs in "
+           "a batch: use the P x K sampler (`config.sampler = 'pk'`)."),
+    example=("config.sampler = \"pk\"\n"
+             "config.kd = edict(enabled=True, teacher_network=\"r100\", "
+             "teacher_weights=\"work_dirs/ms1mv3_r100/model.pt\",\n"
+             "                  losses={\"iled\": {\"weight\": 10.0}, \"rpsd\": {\"weight\": 10.0, \"bank\": 16384}})"),
+)
 
 
 def resolve_kd_config(section):
     """Defaults merged with the user's section; an unknown key is a ConfigError naming the nearest one."""
-    out = kd_defaults()
-    for key, value in dict(section or {}).items():
-        if key not in KD_KEYS:
-            raise unknown_key_error(key, KD_KEYS, "config.kd")
-        out[key] = value
-    return out
+    return KD_SECTION.resolve(section, "config.kd")

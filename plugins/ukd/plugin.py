@@ -11,20 +11,22 @@ import torch
 
 from arcface.engine import distributed as D
 from arcface.errors import ConfigError
-from plugins.registry import Plugin, register_plugin
+from arcface.engine.plugins import Plugin, register_plugin
 
 from .batch import KDBatch
-from .config import resolve_kd_config
+from .composer import KDComposer
+from .config import KD_SECTION, resolve_kd_config
 from .teacher_backends import build_teacher_backend
 
 log = logging.getLogger("arcface")
 
 
-@register_plugin("ukd", config_key="kd")
+@register_plugin("ukd")
 class UKDPlugin(Plugin):
+    config_section = KD_SECTION
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        from .composer import KDComposer
         self.kd = resolve_kd_config(cfg.kd)
         self.composer = KDComposer(dict(self.kd.losses))
         self.teacher = None
@@ -42,10 +44,6 @@ class UKDPlugin(Plugin):
         self._pending = []
         self._stats = {}
         self._stat_counts = {}
-
-    @staticmethod
-    def validate_section(section):
-        resolve_kd_config(section)
 
     # ---- set-up ---------------------------------------------------------------------------
     def trainable_modules(self):
@@ -69,14 +67,9 @@ class UKDPlugin(Plugin):
             self._teacher_sanity_check(ctx)
 
     def _teacher_sanity_check(self, ctx):
-        cfg = self.cfg
-        targets = self.kd.teacher_check_targets or list(cfg.val_targets)
-        verdict = None
-        if ctx.rank == 0:
-            verdict = self._evaluate_teacher(cfg, targets)
-        verdict = D.broadcast_object(verdict)
-        if verdict and verdict.startswith("FAIL"):
-            raise ConfigError(verdict[5:])
+        """Rank 0 evaluates the teacher on the .bin targets; a poor teacher stops every rank with its error."""
+        targets = self.kd.teacher_check_targets or list(self.cfg.val_targets)
+        D.on_rank0(self._evaluate_teacher, self.cfg, targets)
 
     def _evaluate_teacher(self, cfg, targets):
         import os
@@ -85,12 +78,12 @@ class UKDPlugin(Plugin):
         if not present:
             log.warning("UKD: teacher sanity check skipped: no .bin verification set found "
                         f"({', '.join(paths) or 'no targets configured'})")
-            return "SKIP"
+            return
         from arcface.eval.verification import evaluate_verification, load_bin
         embedder = self.teacher.embedder()
         if embedder is None:
             log.info("UKD: teacher sanity check skipped: the teacher backend cannot embed new images")
-            return "SKIP"
+            return
         for name, path in present:
             data = load_bin(path, input_size=cfg.input_size)
             result = evaluate_verification(embedder, data, batch_size=cfg.val_batch_size)
@@ -98,11 +91,10 @@ class UKDPlugin(Plugin):
             log.info(f"UKD: teacher sanity check [{name}] accuracy {acc:.5f} "
                      f"(minimum {self.kd.teacher_min_accuracy})")
             if acc < float(self.kd.teacher_min_accuracy):
-                return (f"FAIL teacher sanity check failed: {self.kd.teacher_weights} ({self.kd.teacher_network}) "
-                        f"reaches {acc:.4f} on {path}, below kd.teacher_min_accuracy="
-                        f"{self.kd.teacher_min_accuracy}. Wrong weights, network or preprocessing? "
-                        "(kd.teacher_check=False turns the check off)")
-        return "PASS"
+                raise ConfigError(f"teacher sanity check failed: {self.kd.teacher_weights} ({self.kd.teacher_network}) "
+                                  f"reaches {acc:.4f} on {path}, below kd.teacher_min_accuracy="
+                                  f"{self.kd.teacher_min_accuracy}. Wrong weights, network or preprocessing? "
+                                  "(kd.teacher_check=False turns the check off)")
 
     # ---- per step ------------------------------------------------------------------------------
     def after_forward(self, batch):

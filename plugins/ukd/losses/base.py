@@ -1,7 +1,13 @@
-"""Base class of KD losses: one subclass per file, registered with @register_kd_loss("name")."""
+"""Base class of KD losses (one subclass per file, registered with @register_kd_loss("name")) and the small
+helpers several losses share."""
 import torch
+import torch.nn.functional as F
+
+from arcface.errors import ConfigError
 
 from ..batch import KDBatch, KDOutput
+
+DISTANCES = ("cosine", "l2sq", "mse")
 
 
 class KDLoss(torch.nn.Module):
@@ -26,3 +32,25 @@ class KDLoss(torch.nn.Module):
 
     def check(self, global_batch_size: int, pk_sampler: bool) -> None:
         pass
+
+
+def compute_dtype(tensor):
+    """At least float32 (AMP hands fp16 embeddings), float64 kept (golden tests)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def instance_distance(student, teacher, distance):
+    """[b] per-sample student-teacher distance."""
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(student, teacher, dim=1, eps=1e-12)
+    diff = student - teacher
+    if distance == "l2sq":
+        return 0.5 * diff.pow(2).sum(dim=1)
+    return diff.pow(2).mean(dim=1)
+
+
+def require_same_dim(batch, loss_name):
+    if batch.student.shape[1] != batch.teacher.shape[1]:
+        raise ConfigError(f"KD loss '{loss_name}' compares student and teacher embeddings one to one, but they "
+                          f"differ in size (student {batch.student.shape[1]}, teacher {batch.teacher.shape[1]}): "
+                          f"add a student->teacher projector or use a relational loss (rpsd, rkd, sp)")

@@ -1,11 +1,10 @@
 """FC: feature consistency distillation, the standard FR-KD baseline (CoupleFace's FCD; paper.md section 4)."""
 import torch.nn.functional as F
 
-from plugins.registry import register_kd_loss
 
 from ..batch import KDBatch, KDOutput
-from .base import KDLoss
-from .iled import compute_dtype, require_same_dim
+from .base import KDLoss, compute_dtype, require_same_dim
+from .registry import register_kd_loss
 
 
 @register_kd_loss("fc")

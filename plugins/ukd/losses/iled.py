@@ -1,39 +1,13 @@
 """ILED: instance-level embedding distillation with dynamic hard mining (paper.md section 1.2)."""
-import torch
-import torch.nn.functional as F
-
 from arcface.engine.distributed import all_gather_nograd
 from arcface.errors import ConfigError
-from plugins.registry import register_kd_loss
 
 from ..batch import KDBatch, KDOutput
 from ..mining import hard_mask_std, hard_mask_topk
-from .base import KDLoss
+from .base import DISTANCES, KDLoss, compute_dtype, instance_distance, require_same_dim
+from .registry import register_kd_loss
 
-DISTANCES = ("cosine", "l2sq", "mse")
 MODES = ("topk", "std")
-
-
-def compute_dtype(tensor):
-    """At least float32 (AMP hands fp16 embeddings), float64 kept (golden tests)."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def instance_distance(student, teacher, distance):
-    """[b] per-sample student-teacher distance."""
-    if distance == "cosine":
-        return 1.0 - F.cosine_similarity(student, teacher, dim=1, eps=1e-12)
-    diff = student - teacher
-    if distance == "l2sq":
-        return 0.5 * diff.pow(2).sum(dim=1)
-    return diff.pow(2).mean(dim=1)
-
-
-def require_same_dim(batch, loss_name):
-    if batch.student.shape[1] != batch.teacher.shape[1]:
-        raise ConfigError(f"KD loss '{loss_name}' compares student and teacher embeddings one to one, but they "
-                          f"differ in size (student {batch.student.shape[1]}, teacher {batch.teacher.shape[1]}): "
-                          f"add a student->teacher projector or use a relational loss (rpsd, rkd, sp)")
 
 
 @register_kd_loss("iled")

@@ -1,9 +1,8 @@
 """Raw L2 feature distillation (FitNet-style hint on the final embedding; paper.md section 4)."""
-from plugins.registry import register_kd_loss
 
 from ..batch import KDBatch, KDOutput
-from .base import KDLoss
-from .iled import compute_dtype, require_same_dim
+from .base import KDLoss, compute_dtype, require_same_dim
+from .registry import register_kd_loss
 
 
 @register_kd_loss("l2")

@@ -3,13 +3,12 @@ import torch
 import torch.nn.functional as F
 
 from arcface.errors import ConfigError
-from plugins.registry import register_kd_loss
 
 from ..batch import KDBatch, KDOutput
 from ..memory_bank import MemoryBank
 from ..mining import hard_negative_mask, negative_candidates, positive_mask, random_negative_mask
-from .base import KDLoss
-from .iled import compute_dtype, require_same_dim
+from .base import KDLoss, compute_dtype, require_same_dim
+from .registry import register_kd_loss
 
 FORMS = ("mse", "kl")
 _FAR = -1e9  # a finite "minus infinity": masked logits must not turn 0 * inf into NaN gradients

@@ -2,11 +2,10 @@
 import torch.nn.functional as F
 
 from arcface.engine.distributed import all_gather_nograd
-from plugins.registry import register_kd_loss
 
 from ..batch import KDBatch, KDOutput
-from .base import KDLoss
-from .iled import compute_dtype
+from .base import KDLoss, compute_dtype
+from .registry import register_kd_loss
 
 
 @register_kd_loss("sp")

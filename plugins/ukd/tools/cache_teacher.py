@@ -41,7 +41,7 @@ def main(argv=None):
     import torch
 
     from arcface.engine import distributed as D
-    from arcface.engine.trainer import pick_device
+    from arcface.engine.device import pick_device
     from plugins.ukd.cache import build_teacher_cache
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -1,20 +1,9 @@
-"""Teacher backends behind one interface: where the teacher's embeddings come from.
+"""The live teacher from an ONNX file, run by onnxruntime (kd.teacher_onnx).
 
-A backend is called as `backend(images, index=..., flip=...) -> [b, d] float32 tensor` (no gradient, a plain
-tensor that may take part in autograd), exposes `last_ms` (time of the last call) and `embedder()` (an
-arcface.eval embedder for the sanity check, or None when it cannot embed new images), and `train()` keeps it
-frozen. `kd.teacher_backend` picks one:
-
-    'torch'  an arcface checkpoint (teacher_network + teacher_weights)
-    'onnx'   an ONNX file run by onnxruntime (teacher_onnx); its layout, channel order and normalisation are
-             configured and checked against the graph at start-up, so a user's own export runs as it is
-    'cache'  embeddings computed once by tools/cache_teacher.py and looked up by (sample index, flip); the
-             teacher never runs during training
-
-The engine's images are always (x - 127.5) / 127.5, RGB, NCHW float32; the ONNX backend converts them into
-whatever its model expects.
+Its layout, channel order and normalisation are configured and checked against the graph at start-up, so a
+user's own export (or one of insightface's released models) runs as it is. The engine's images are always
+(x - 127.5) / 127.5, RGB, NCHW float32; this backend converts them into whatever the model expects.
 """
-import logging
 import os
 import time
 
@@ -23,9 +12,7 @@ import torch
 
 from arcface.errors import CheckpointError, ConfigError, DataError
 
-from .teacher import build_teacher
-
-log = logging.getLogger("arcface")
+from .base import TeacherBackend, register_teacher_backend
 
 ENGINE_MEAN = 127.5  # engine images are (pixel - ENGINE_MEAN) / ENGINE_STD, RGB
 ENGINE_STD = 127.5
@@ -34,41 +21,6 @@ ONNX_CHANNELS = ("RGB", "BGR")
 ONNX_NORMALIZE_NAMES = {"arcface": (ENGINE_MEAN, ENGINE_STD), "none": (0.0, 1.0)}
 PROBE_BATCH = 2  # images in the start-up probe run of an ONNX teacher
 
-
-class TorchTeacherBackend:
-    def __init__(self, kd, cfg, ctx):
-        self.device = ctx.device
-        self.model = build_teacher(kd, bool(cfg.fp16), ctx.device, cfg.input_size, bool(cfg.get("channels_last")))
-        self.description = f"{kd.teacher_network} from {kd.teacher_weights}"
-
-    @property
-    def last_ms(self):
-        return self.model.last_ms
-
-    @property
-    def backbone(self):
-        return self.model.backbone
-
-    @property
-    def training(self):
-        return self.model.training
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def train(self, mode=True):
-        self.model.train(mode)
-        return self
-
-    def __call__(self, images, index=None, flip=None):
-        return self.model(images)
-
-    def embedder(self):
-        from arcface.eval.embedder import TorchEmbedder
-        return TorchEmbedder(self.model.backbone, self.device)
-
-
-# ---- ONNX ----------------------------------------------------------------------------------------------
 
 def onnx_mean_std(normalize, where="kd.teacher_onnx_normalize"):
     """(mean, std) float64 [3] in 0..255 pixel units, in the model's channel order."""
@@ -260,20 +212,12 @@ def build_onnx_teacher(kd, input_size, device):
                        normalize=kd.get("teacher_onnx_normalize", "arcface"), device=device)
 
 
-class OnnxTeacherBackend:
-    training = False
-
+@register_teacher_backend("onnx")
+class OnnxTeacherBackend(TeacherBackend):
     def __init__(self, kd, cfg, ctx):
         self.device = ctx.device
         self.model = build_onnx_teacher(kd, cfg.input_size, ctx.device)
         self.description = f"ONNX {self.model.path} ({', '.join(self.model.providers)})"
-        self.last_ms = 0.0
-
-    def parameters(self):
-        return iter(())
-
-    def train(self, mode=True):
-        return self
 
     def __call__(self, images, index=None, flip=None):
         start = time.perf_counter()
@@ -284,100 +228,3 @@ class OnnxTeacherBackend:
 
     def embedder(self):
         return OnnxTeacherEmbedder(self.model)
-
-
-# ---- cache -----------------------------------------------------------------------------------------------
-
-def teacher_source(kd):
-    """'torch' or 'onnx': the backend that computes the real teacher (to build a cache or check one)."""
-    name = kd.get("teacher_backend", "torch")
-    if name in ("torch", "onnx"):
-        return name
-    return "onnx" if kd.get("teacher_onnx") else "torch"
-
-
-def configured_teacher_file(kd):
-    """The teacher file the config names for its teacher source, or None."""
-    return kd.get("teacher_onnx") if teacher_source(kd) == "onnx" else kd.get("teacher_weights")
-
-
-class CacheTeacherBackend:
-    """Teacher embeddings read from a tools/cache_teacher.py file by (sample index, flip).
-
-    Start-up refuses (ConfigError) a cache that is incomplete or does not match the data set, input size,
-    embedding size or the configured teacher file, and loaders that cannot say which sample and view a row
-    is (DALI). A loader that yields index=None anyway is refused on the first batch.
-    """
-    training = False
-
-    def __init__(self, kd, cfg, ctx):
-        from .cache import dataset_identity, file_sha256, open_for_training
-        path = kd.get("teacher_cache")
-        if not path:
-            raise ConfigError("kd.teacher_backend='cache' needs kd.teacher_cache (a file written by "
-                              "tools/cache_teacher.py)")
-        if cfg.get("dali") or cfg.get("dali_aug"):
-            raise ConfigError(f"kd.teacher_backend='cache' cannot be used with dali={cfg.get('dali')} / dali_aug="
-                              f"{cfg.get('dali_aug')}: the DALI loader does not report sample indices and its "
-                              "augmentations change the images the cache was computed from; set dali=False")
-        self.kd, self.cfg, self.device = kd, cfg, ctx.device
-        self.path = str(path)
-        self.dataset = dataset_identity(cfg.rec, what="kd.teacher_backend='cache' needs cfg.rec to be")
-        teacher_file = configured_teacher_file(kd)
-        teacher_sha = file_sha256(teacher_file) if teacher_file else None
-        self.cache = open_for_training(self.path, self.dataset, int(cfg.input_size),
-                                       int(kd.teacher_embedding_size), teacher_file, teacher_sha)
-        from .cache import teacher_precision
-        built = self.cache.header["teacher"]["precision"]
-        live = teacher_precision(teacher_source(kd), bool(cfg.get("fp16")), ctx.device)
-        if built != live:
-            log.warning(f"UKD: kd.teacher_cache {self.path} was computed in {built}; a live teacher in this run "
-                        f"would run in {live} (differences of that precision's rounding)")
-        loader_count = getattr(ctx.train_loader, "num_samples", None)
-        if isinstance(loader_count, int) and loader_count != self.cache.num_images:
-            raise ConfigError(f"kd.teacher_cache {self.path} holds {self.cache.num_images} samples but the training "
-                              f"loader has {loader_count}")
-        self.teacher_file = teacher_file
-        self.description = f"cache {self.path} ({self.cache.describe_teacher()})"
-        self.last_ms = 0.0
-
-    def parameters(self):
-        return iter(())
-
-    def train(self, mode=True):
-        return self
-
-    def __call__(self, images, index=None, flip=None):
-        start = time.perf_counter()
-        if index is None or flip is None:
-            missing = "index" if index is None else "flip"
-            raise ConfigError(f"kd.teacher_backend='cache': the training loader gave {missing}=None, so the cached "
-                              "teacher embedding of a sample cannot be found; use the PyTorch RecordIO loader "
-                              "(dali=False) or a loader whose batches carry index and flip")
-        if index.shape[0] != images.shape[0] or flip.shape[0] != images.shape[0]:
-            raise DataError(f"kd.teacher_backend='cache': batch of {images.shape[0]} images with "
-                            f"{index.shape[0]} indices and {flip.shape[0]} flips")
-        rows = self.cache.lookup(index.detach().cpu().numpy(), flip.detach().cpu().numpy())
-        out = rows.to(images.device, non_blocking=True)
-        self.last_ms = (time.perf_counter() - start) * 1000
-        return out
-
-    def embedder(self):
-        """The configured teacher file's embedder (it was checked to be the cached teacher), else None."""
-        if not self.teacher_file:
-            return None
-        if teacher_source(self.kd) == "onnx":
-            return OnnxTeacherEmbedder(build_onnx_teacher(self.kd, self.cfg.input_size, self.device))
-        from arcface.eval.embedder import TorchEmbedder
-        teacher = build_teacher(self.kd, bool(self.cfg.fp16), self.device, self.cfg.input_size)
-        return TorchEmbedder(teacher.backbone, self.device)
-
-
-BACKENDS = {"torch": TorchTeacherBackend, "onnx": OnnxTeacherBackend, "cache": CacheTeacherBackend}
-
-
-def build_teacher_backend(kd, cfg, ctx):
-    name = kd.get("teacher_backend", "torch")
-    if name not in BACKENDS:
-        raise ConfigError(f"kd.teacher_backend must be one of {sorted(BACKENDS)}, got {name!r}")
-    return BACKENDS[name](kd, cfg, ctx)

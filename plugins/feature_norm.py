@@ -3,7 +3,7 @@
 Adds weight * mean((||e|| - target)^2) to the loss, counts the steps it has seen (saved in checkpoints),
 and logs the mean embedding norm. Switch it on with `config.plugins = [{"name": "feature_norm", "weight": 0.01}]`.
 """
-from .registry import Plugin, register_plugin
+from arcface.engine.plugins import Plugin, register_plugin
 
 
 @register_plugin("feature_norm")
@@ -39,14 +39,4 @@ class FeatureNormPlugin(Plugin):
         self.steps_seen = int(state["steps_seen"])
 
 
-def parse_plugin_entry(entry):
-    """cfg.plugins entries are a name or a dict {"name": ..., **parameters}."""
-    if isinstance(entry, str):
-        return entry, {}
-    if isinstance(entry, dict) and "name" in entry:
-        params = {k: v for k, v in entry.items() if k != "name"}
-        return entry["name"], params
-    raise TypeError(f"cfg.plugins entry {entry!r} must be a name or a dict with a 'name' key")
-
-
-__all__ = ["FeatureNormPlugin", "parse_plugin_entry"]
+__all__ = ["FeatureNormPlugin"]

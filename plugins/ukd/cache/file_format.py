@@ -1,4 +1,4 @@
-"""The teacher embedding cache: the teacher run once over the training .rec, kept as ONE memory-mapped array.
+"""The teacher embedding cache file: the teacher run once over the training .rec, kept as ONE memory-mapped array.
 
 Peers that wrote one file per sample found it slower than recomputing (research anchors.md 6.6); here every
 embedding lives in one contiguous array, read back by numpy fancy indexing on a memory map, so a lookup costs
@@ -18,15 +18,12 @@ Why the norms too: the losses that compare raw embeddings (l2; iled with distanc
 unit vectors from a cache and raw vectors from a live teacher. norm * unit gives back the raw embedding to
 fp16 precision for 4 bytes per view (0.4% of a 512-d row), so every loss behaves as with the live teacher.
 
-Building is chunked: a chunk's rows are flushed, then its id is added to `<file>.progress.rank<r>.json`
-(written atomically). A rerun continues with the chunks no progress record lists; chunks are computed with
-the same batches whoever computes them, so the bytes equal an uninterrupted build. The magic turns complete
-(last 8-byte write, after a barrier) only when every chunk is recorded; training refuses a partial file.
+Building it (chunked, resumable, on several ranks) is build.py; reading it during training is
+teacher_backends/cache_backend.py.
 """
 import glob
 import hashlib
 import json
-import logging
 import math
 import os
 import struct
@@ -36,10 +33,7 @@ import torch
 
 from arcface.data.layout import read_layout, rec_paths
 from arcface.data.recordio import read_index
-from arcface.engine import distributed as D
-from arcface.errors import ConfigError, DataError, UKDError
-
-log = logging.getLogger("arcface")
+from arcface.errors import ConfigError, DataError
 
 FORMAT = "ukd-teacher-cache"
 FORMAT_VERSION = 1
@@ -49,7 +43,6 @@ HEADER_BYTES = 16384
 NORMALISATION = "(pixel - 127.5) / 127.5, RGB, NCHW float32; PIL bilinear resize to input_size when stored " \
                 "at another size"
 VIEWS = ["as stored", "horizontally flipped"]
-DEFAULT_CHUNK_BATCHES = 32  # chunk = this many batches unless --chunk-size says otherwise
 
 
 # ---- identities --------------------------------------------------------------------------------------------
@@ -78,37 +71,6 @@ def dataset_identity(rec, what="the teacher cache needs cfg.rec to be"):
     keys, _ = read_index(idx_file)
     return {"rec": os.path.abspath(rec_file), "idx": os.path.abspath(idx_file), "images": len(layout),
             "records": int(keys.size), "idx_sha256": file_sha256(idx_file)}
-
-
-def teacher_precision(source, fp16, device):
-    if source == "onnx":
-        return "onnxruntime float32"
-    if not fp16:
-        return "float32"
-    return "float16 autocast" if torch.device(device).type == "cuda" else "bfloat16 autocast"
-
-
-def teacher_identity(kd, fp16, device):
-    """The header's teacher block: what computed the embeddings, with the file's sha256."""
-    from .teacher_backends import configured_teacher_file, teacher_source
-    source = teacher_source(kd)
-    path = configured_teacher_file(kd)
-    if not path:
-        key = "kd.teacher_onnx" if source == "onnx" else "kd.teacher_weights"
-        raise ConfigError(f"building a teacher cache needs the teacher: set {key}")
-    if not os.path.isfile(str(path)):
-        key = "kd.teacher_onnx" if source == "onnx" else "kd.teacher_weights"
-        raise ConfigError(f"{key}: teacher file {path} does not exist")
-    block = {"source": source, "file": os.path.abspath(str(path)), "sha256": file_sha256(path),
-             "embedding_size": int(kd.teacher_embedding_size), "precision": teacher_precision(source, fp16, device)}
-    if source == "torch":
-        block["network"] = kd.teacher_network
-        block["network_kwargs"] = dict(kd.get("teacher_network_kwargs") or {})
-    else:
-        block["onnx"] = {"layout": kd.get("teacher_onnx_layout", "NCHW"),
-                         "channels": kd.get("teacher_onnx_channels", "RGB"),
-                         "normalize": kd.get("teacher_onnx_normalize", "arcface")}
-    return block
 
 
 def array_layout(num_images, dim):
@@ -317,180 +279,3 @@ def open_for_training(path, dataset, input_size, embedding_size, teacher_file=No
                           f"{header['teacher']['sha256'][:16]}) but the configured teacher {teacher_file} has sha256 "
                           f"{teacher_sha[:16]}; rebuild the cache or point the config at the cached teacher")
     return CacheFile.open(path)
-
-
-# ---- building ------------------------------------------------------------------------------------------------------
-
-def _diff(a, b, prefix=""):
-    """Dotted keys whose values differ between two header dicts."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: file {va!r} vs now {vb!r}")
-    return out
-
-
-def _plan(cfg, kd, out, batch_size, chunk_size, restart, device):
-    """Rank 0: the header of this build, creating or resuming the file; returns (header, done, complete)."""
-    dataset = dataset_identity(cfg.rec)
-    teacher = teacher_identity(kd, bool(cfg.get("fp16")), device)
-    existing = None
-    if os.path.exists(out) and not restart:
-        existing, complete = read_header(out)
-    previous = existing["build"] if existing else {}
-    batch_size = int(batch_size or previous.get("batch_size") or cfg.batch_size)
-    chunk_size = int(chunk_size or previous.get("chunk_size") or batch_size * DEFAULT_CHUNK_BATCHES)
-    if batch_size <= 0 or chunk_size <= 0 or chunk_size % batch_size:
-        raise ConfigError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
-    header = make_header(teacher, dataset, cfg.input_size, chunk_size, batch_size)
-    digest = header_digest(header)
-    if existing is not None:
-        if existing != header:
-            changes = "; ".join(_diff(existing, header)[:6])
-            raise ConfigError(f"{out} was {'built' if complete else 'started'} with other settings ({changes}); "
-                              "pass --restart to discard it and build anew, or use another --out")
-        CacheFile.open(out)  # size check
-        if complete:
-            return header, set(range(header["build"]["num_chunks"])), True
-        return header, read_progress(out, digest), False
-    remove_progress(out)
-    create_cache_file(out, header)
-    return header, set(), False
-
-
-def _chunk_batches(chunks, header):
-    n, chunk, batch = header["dataset"]["images"], header["build"]["chunk_size"], header["build"]["batch_size"]
-    plan = []
-    for c in chunks:
-        start, end = c * chunk, min(n, (c + 1) * chunk)
-        plan.append((c, [list(range(s, min(end, s + batch))) for s in range(start, end, batch)]))
-    return plan
-
-
-def _teacher(kd, cfg, device):
-    from arcface.engine.hooks import TrainContext
-    from .teacher_backends import BACKENDS, teacher_source
-    ctx = TrainContext(cfg=cfg, backbone=None, device=device, rank=D.get_rank(), world_size=D.get_world_size())
-    return BACKENDS[teacher_source(kd)](kd, cfg, ctx)
-
-
-def write_rows(cache, rows, embeddings):
-    """Store the [2b, d] teacher output of (originals, flips) for dataset rows `rows` (None: skip the row)."""
-    b = len(rows)
-    pairs = embeddings.float().reshape(2, b, -1).transpose(0, 1)            # [b, 2, d]
-    norms = pairs.norm(dim=2)                                                # [b, 2]
-    unit = (pairs / norms.clamp_min(1e-12).unsqueeze(2)).half().cpu().numpy()
-    norms = norms.cpu().numpy()
-    ok = np.array([r is not None for r in rows])
-    target = np.array([r for r in rows if r is not None], dtype=np.int64)
-    cache.embeddings[target] = unit[ok]
-    cache.norms[target] = norms[ok]
-
-
-def build_teacher_cache(cfg, out=None, batch_size=None, chunk_size=None, num_workers=None, restart=False,
-                        progress=True, device=None):
-    """Run the configured teacher over cfg.rec and write (or finish) the cache at `out`; returns its path.
-
-    Every rank of the current process group computes its share of the chunks that are still missing; call it
-    on every rank. batch_size / chunk_size default to the ones of a partial file being resumed, else to
-    cfg.batch_size and 32 batches.
-    """
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from arcface.data.datasets import RecordDataset
-    from arcface.engine.trainer import pick_device
-    from .config import resolve_kd_config
-
-    kd = resolve_kd_config(cfg.get("kd"))
-    out = str(out or kd.get("teacher_cache") or "")
-    if not out:
-        raise ConfigError("no output file: pass --out FILE or set kd.teacher_cache")
-    rank, world = D.get_rank(), D.get_world_size()
-    device = torch.device(device) if device is not None else pick_device(cfg)
-
-    status = None
-    if rank == 0:
-        try:
-            status = ("ok",) + _plan(cfg, kd, out, batch_size, chunk_size, restart, device)
-        except UKDError as exc:
-            status = ("error", type(exc).__name__, str(exc))
-    status = D.broadcast_object(status)
-    if status[0] == "error":
-        raise {"ConfigError": ConfigError, "DataError": DataError}.get(status[1], UKDError)(status[2])
-    _, header, done, complete = status
-    if complete:
-        if rank == 0:
-            log.info("teacher cache %s is complete already", out)
-        return out
-
-    digest = header_digest(header)
-    remaining = [c for c in range(header["build"]["num_chunks"]) if c not in done]
-    mine = [int(c) for c in np.array_split(np.asarray(remaining, dtype=np.int64), world)[rank]]
-    plan = _chunk_batches(mine, header)
-    cache = CacheFile.open(out, writable=True)
-    recorded = read_progress(out, digest, rank)
-
-    if plan:
-        teacher = _teacher(kd, cfg, device)
-        dataset = RecordDataset(cfg.rec, input_size=int(cfg.input_size), flip=False, return_index=True,
-                                skip_bad_records=bool(cfg.get("skip_bad_records")))
-        if len(dataset) != cache.num_images:
-            raise DataError(f"{cfg.rec} holds {len(dataset)} images, the cache header {cache.num_images}")
-        batches = [b for _, chunk_batches in plan for b in chunk_batches]
-        workers = int(num_workers if num_workers is not None else (cfg.get("num_workers") or 0))
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
-        bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"cache teacher (rank {rank})",
-                   disable=not progress or rank != 0)
-        items = iter(loader)
-        for chunk, chunk_batches in plan:
-            for wanted in chunk_batches:
-                images, _, got, _ = next(items)
-                # a bad record (skip_bad_records) comes back as another index: its row is marked missing
-                rows = [w if w == g else None for w, g in zip(wanted, got.tolist())]
-                images = images.to(device, non_blocking=True)
-                with torch.inference_mode():
-                    emb = teacher(torch.cat([images, images.flip(-1)]))
-                finite = torch.isfinite(emb).all(dim=1).reshape(2, -1).all(dim=0).cpu()
-                if not bool(finite.all()):
-                    bad = [w for w, f in zip(wanted, finite.tolist()) if not f]
-                    raise DataError(f"the teacher returned non-finite embeddings for samples {bad[:8]} of {cfg.rec}; "
-                                    "the teacher weights or their precision (fp16) are broken; nothing was cached "
-                                    "for this chunk")
-                write_rows(cache, rows, emb)
-                missing = np.asarray([w for w, r in zip(wanted, rows) if r is None], dtype=np.int64)
-                if missing.size:  # NaN: lookups of these rows raise DataError
-                    cache.norms[missing] = np.nan
-                    cache.embeddings[missing] = np.nan
-                bar.update(len(wanted))
-            cache.flush()
-            recorded.add(chunk)
-            write_progress(out, rank, digest, recorded)
-        bar.close()
-    del cache
-
-    D.barrier()
-    status = None
-    if rank == 0:
-        done = read_progress(out, digest)
-        missing = sorted(set(range(header["build"]["num_chunks"])) - done)
-        if missing:
-            status = f"teacher cache {out}: chunks {missing[:8]} were not recorded done; rerun to finish"
-        else:
-            norms = np.memmap(out, dtype="<f4", mode="r", offset=header["arrays"]["norms"]["offset"],
-                              shape=tuple(header["arrays"]["norms"]["shape"]))
-            unreadable = int((~np.isfinite(norms[:, 0])).sum())
-            del norms
-            if unreadable:
-                log.warning("teacher cache %s: %d unreadable records have no embedding", out, unreadable)
-            mark_complete(out)
-            remove_progress(out)
-            log.info("teacher cache %s complete: %d samples x 2 views x %d-d", out, header["dataset"]["images"],
-                     header["teacher"]["embedding_size"])
-    status = D.broadcast_object(status)
-    if status:
-        raise DataError(status)
-    return out
