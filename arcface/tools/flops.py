@@ -25,9 +25,6 @@ import torch
 from arcface.cli import exit_status
 from arcface.errors import ConfigError
 
-COUNTED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.PReLU)
-
-
 def _conv(module, output):
     per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
     return output.numel() * (per_output + (module.bias is not None))
