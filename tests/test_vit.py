@@ -93,7 +93,8 @@ def tokens_entering_blocks(model, x):
 def test_every_upstream_vit_name_is_registered():
     assert sorted(vit_layout()["networks"]) == sorted(VIT_NAMES)
     assert set(VIT_NAMES) <= set(list_models())
-    assert layout_digest(vit_layout()["networks"]["vit_t"]["state_dict"]) == vit_layout()["networks"]["vit_t"]["sha256"]
+    listed = vit_layout()["networks"]["vit_t"]
+    assert layout_digest(listed["state_dict"]) == listed["sha256"]
 
 
 @pytest.mark.parametrize("name", VIT_NAMES)
@@ -250,7 +251,7 @@ def test_dropout_keyword_is_upstreams_drop_rate():
 @pytest.mark.parametrize("size, patch", [(16, 2), (24, 2), (32, 3), (48, 4), (56, 5), (64, 5), (112, 9), (128, 10)])
 def test_patch_size_keeps_the_grid_at_most_twelve(size, patch):
     assert patch_size_for(size) == patch
-    assert size // patch <= 12 < size // (patch - 1) if patch > 1 else size // patch <= 12
+    assert size // patch <= 12 and (patch == 1 or size // (patch - 1) > 12)  # the finest such patch
     model = on_meta("vit_t", input_size=size, width=0.25)
     grid = size // patch
     assert model.num_patches == grid * grid and model.pos_embed.shape == (1, grid * grid, 64)
@@ -351,11 +352,11 @@ def vit_cfg(tmp_path, **kw):
 
 def test_short_training_run_learns(tmp_path):
     images_, labels = make_data()
-    cfg = vit_cfg(tmp_path, num_epoch=4)
+    cfg = vit_cfg(tmp_path, num_epoch=2)
     trainer = train(cfg, TensorLoader(images_, labels, 8))
     losses = [loss for _, loss in trainer.history]
-    assert len(losses) == 4 * 12
-    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 * 0.8, losses
+    assert len(losses) == 2 * 12
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 * 0.5, losses  # measured: 46 -> 2.4
     saved = torch.load(os.path.join(cfg.output, "model.pt"), weights_only=True)
     assert [k for k in saved] == [k for k, _, _ in layout_of(tiny_vit())]
 
@@ -533,20 +534,32 @@ def test_vit_teacher_through_the_cache_equals_the_live_teacher(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ONNX
-def test_onnx_export_matches_torch_with_dynamic_batch(tmp_path):
+def export_and_compare(model, input_size, tmp_path, batches=(1, 5)):
     ort = pytest.importorskip("onnxruntime")
     from arcface.eval.onnx_export import export_onnx
-    model = small_model().eval()
-    path = export_onnx(model, str(tmp_path / "vit.onnx"), input_size=SMALL["input_size"])
+    load_backbone_weights(model, deterministic_state(layout_of(model)))
+    model.eval()
+    path = export_onnx(model, str(tmp_path / "vit.onnx"), input_size=input_size)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert model.training is False and not any(m.training for m in model.modules())
-    for batch in (1, 5):
-        x = images(SMALL["input_size"], batch=batch, seed=batch)
+    worst = 0.0
+    for batch in batches:
+        x = images(input_size, batch=batch, seed=batch).clamp(-1, 1)
         with torch.inference_mode():
             expected = model(x).numpy()
         got = session.run(None, {"data": x.numpy()})[0]
-        assert got.shape == (batch, SMALL["num_features"])
-        assert np.abs(got - expected).max() <= 1e-4
+        assert got.shape == expected.shape == (batch, model.feature[3].num_features)
+        worst = max(worst, float(np.abs(got - expected).max()))
+    print(f"ONNX vs torch: max abs difference {worst:.2e}")
+    assert worst <= 1e-4, worst
+
+
+def test_onnx_export_matches_torch_with_dynamic_batch(tmp_path):
+    export_and_compare(tiny_vit("vit_t"), 16, tmp_path)
+
+
+@pytest.mark.slow
+def test_onnx_export_of_full_size_vit_t_matches_torch(tmp_path):
+    export_and_compare(get_model("vit_t_dp005_mask0"), 112, tmp_path, batches=(2,))
 
 
 def test_onnx_vit_teacher_backend_equals_the_torch_teacher(tmp_path):
