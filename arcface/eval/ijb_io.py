@@ -196,6 +196,25 @@ def read_search_protocol(root, target):
     return galleries, read_search_csv(paths["probe"], "probe_mixed")
 
 
+def read_template_subjects(root, target):
+    """(template ids, subject ids) of every template the 1:N lists name (galleries and probes), sorted by template.
+
+    The 1:1 pair list knows only templates; a bootstrap over people needs each template's subject, which the
+    1:N lists are the only meta files to carry. A template listed with two subjects is a DataError.
+    """
+    galleries, probes = read_search_protocol(root, target)
+    sets = galleries + [probes]
+    templates = np.concatenate([s.templates for s in sets])
+    subjects = np.concatenate([s.subjects for s in sets])
+    pairs = np.unique(np.stack([templates, subjects], axis=1), axis=0)
+    unique, first = np.unique(pairs[:, 0], return_index=True)
+    if unique.size != pairs.shape[0]:
+        dup = pairs[np.flatnonzero(np.diff(pairs[:, 0]) == 0)[0], 0]
+        names = ", ".join(sorted(search_csv_paths(root, target).values()))
+        raise DataError(f"template {int(dup)} is listed with more than one SUBJECT_ID in the 1:N lists ({names})")
+    return unique, pairs[first, 1].copy()
+
+
 def image_dir(root):
     return os.path.join(root, "loose_crop")
 

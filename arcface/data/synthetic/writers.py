@@ -237,9 +237,11 @@ def plan_ijb(seed, identities, templates_per_subject=3, max_media=3, max_frames=
 
 
 def write_ijb(out_dir, seed, identities, name="IJBC", size=112, difficulty=0.6, templates_per_subject=3,
-              max_media=3, max_frames=3, impostor_ratio=20, workers=None, progress=True):
-    """An insightface IJB test-suite folder out_dir/<name>/ (loose crops, meta txt files, 1:N CSVs)."""
-    prefix = name.lower()
+              max_media=3, max_frames=3, impostor_ratio=20, workers=None, progress=True, prefix=None):
+    """An insightface IJB test-suite folder out_dir/<name>/ (loose crops, meta txt files, 1:N CSVs). The meta
+    files are called <prefix>_* (default: the folder name in lower case), so a second folder, e.g. a validation
+    split, can be read as the same target (prefix 'ijbc') as the first."""
+    prefix = (prefix or name).lower()
     images, templates, pairs = plan_ijb(seed, identities, templates_per_subject, max_media, max_frames,
                                         impostor_ratio, name)
     final = os.path.join(out_dir, name)
@@ -268,7 +270,7 @@ def write_ijb(out_dir, seed, identities, name="IJBC", size=112, difficulty=0.6, 
                        "".join(f"{a} {b} {label}\n" for a, b, label in pairs))
     n_sub = len(identities)
     half = (n_sub + 1) // 2
-    g1, g2 = gallery_names(name)
+    g1, g2 = gallery_names(prefix)
     groups = {"G1": lambda t: t["gallery"] and t["subject"] <= half,
               "G2": lambda t: t["gallery"] and t["subject"] > half,
               "probe_mixed": lambda t: not t["gallery"]}
@@ -288,15 +290,56 @@ def write_ijb(out_dir, seed, identities, name="IJBC", size=112, difficulty=0.6, 
 
 
 # -- whole folder + manifest ------------------------------------------------------------------------------
+# Options added after the first manifests were written: stored in the spec only when they differ from these
+# defaults, so a folder generated with the defaults keeps its manifest (and every byte) unchanged.
+EXTRA_SPEC_DEFAULTS = {"val_ijb_name": "", "ijb_bin_pairs": 0, "ijb_bin_name": ""}
+
+
 def dataset_spec(seed=0, num_ids=100, per_id=20, size=112, difficulty=0.5, val_ids=0, pairs=3000,
                  val_name="synth_val.bin", hard_pairs=0, hard_name="synth_hard.bin", ijb_ids=0, ijb_name="IJBC",
-                 ijb_templates=3, ijb_media=3, ijb_frames=3, ijb_impostor_ratio=20, ijb_difficulty=0.6):
-    """The arguments that define a generated folder, as stored in (and compared with) its manifest."""
-    return {"seed": int(seed), "num_ids": int(num_ids), "per_id": int(per_id), "size": int(size),
+                 ijb_templates=3, ijb_media=3, ijb_frames=3, ijb_impostor_ratio=20, ijb_difficulty=0.6,
+                 val_ijb_name="", ijb_bin_pairs=0, ijb_bin_name=""):
+    """The arguments that define a generated folder, as stored in (and compared with) its manifest.
+
+    val_ijb_name: also write an IJB-style folder of the verification identities (a validation split in the
+    test's format; its meta files carry the prefix of ijb_name). ijb_bin_pairs / ijb_bin_name: also write
+    .bin pairs of the IJB identities (the test split's verification accuracy)."""
+    spec = {"seed": int(seed), "num_ids": int(num_ids), "per_id": int(per_id), "size": int(size),
             "difficulty": float(difficulty), "val_ids": int(val_ids), "pairs": int(pairs), "val_name": val_name,
             "hard_pairs": int(hard_pairs), "hard_name": hard_name, "ijb_ids": int(ijb_ids), "ijb_name": ijb_name,
             "ijb_templates": int(ijb_templates), "ijb_media": int(ijb_media), "ijb_frames": int(ijb_frames),
             "ijb_impostor_ratio": int(ijb_impostor_ratio), "ijb_difficulty": float(ijb_difficulty)}
+    extra = {"val_ijb_name": str(val_ijb_name or ""), "ijb_bin_pairs": int(ijb_bin_pairs),
+             "ijb_bin_name": str(ijb_bin_name or "")}
+    spec.update({k: v for k, v in extra.items() if v != EXTRA_SPEC_DEFAULTS[k]})
+    return spec
+
+
+def _spec_value(spec, key):
+    return spec.get(key, EXTRA_SPEC_DEFAULTS.get(key))
+
+
+def artifact_splits(spec):
+    """{path relative to the folder: 'train' | 'val' | 'ijb'}: whose identities each written file holds."""
+    out = {"train.rec": "train"}
+    if spec["val_ids"]:
+        out[spec["val_name"]] = "val"
+        if spec["hard_pairs"]:
+            out[spec["hard_name"]] = "val"
+        if _spec_value(spec, "val_ijb_name"):
+            out[_spec_value(spec, "val_ijb_name")] = "val"
+    if spec["ijb_ids"]:
+        out[spec["ijb_name"]] = "ijb"
+        if _spec_value(spec, "ijb_bin_pairs"):
+            out[_spec_value(spec, "ijb_bin_name")] = "ijb"
+    return out
+
+
+def _plain_name(key, value, folder=False):
+    bad = "/\\. " if folder else "/\\"
+    if not value or os.path.basename(value) != value or value.startswith(".") or any(c in value for c in bad):
+        kind = "folder" if folder else "file"
+        raise ConfigError(f"synthetic faces: {key} must be a plain {kind} name, got {value!r}")
 
 
 def validate_spec(spec):
@@ -334,6 +377,30 @@ def validate_spec(spec):
         _check_positive("ijb_impostor_ratio", spec["ijb_impostor_ratio"], 0)
         if not spec["ijb_name"] or any(c in spec["ijb_name"] for c in "/\\. "):
             raise ConfigError(f"synthetic faces: ijb_name must be a plain folder name, got {spec['ijb_name']!r}")
+    _validate_extra_spec(spec)
+
+
+def _validate_extra_spec(spec):
+    val_ijb, bin_pairs, bin_name = (_spec_value(spec, k) for k in ("val_ijb_name", "ijb_bin_pairs", "ijb_bin_name"))
+    if val_ijb:
+        if not spec["val_ids"]:
+            raise ConfigError("synthetic faces: val_ijb_name needs verification identities (val_ids >= 2)")
+        _plain_name("val_ijb_name", val_ijb, folder=True)
+        if spec["ijb_ids"] and val_ijb == spec["ijb_name"]:
+            raise ConfigError(f"synthetic faces: val_ijb_name and ijb_name are both {val_ijb!r}")
+        _check_positive("ijb_templates", spec["ijb_templates"], 2)
+        _check_positive("ijb_media", spec["ijb_media"])
+        _check_positive("ijb_frames", spec["ijb_frames"])
+    if bin_pairs or bin_name:
+        if not spec["ijb_ids"]:
+            raise ConfigError("synthetic faces: ijb_bin_pairs needs IJB identities (ijb_ids >= 2)")
+        if not isinstance(bin_pairs, int) or bin_pairs <= 0 or bin_pairs % (2 * NUM_FOLDS):
+            raise ConfigError(f"synthetic faces: ijb_bin_pairs must be a positive multiple of {2 * NUM_FOLDS} "
+                              f"({NUM_FOLDS} folds, each half genuine), got {bin_pairs}")
+        _plain_name("ijb_bin_name", bin_name)
+        taken = [spec["val_name"], spec["hard_name"]] if spec["val_ids"] else []
+        if bin_name in taken:
+            raise ConfigError(f"synthetic faces: ijb_bin_name {bin_name!r} is already the name of another .bin")
 
 
 def _file_sizes(out_dir, rels):
@@ -367,10 +434,11 @@ def manifest_matches(out_dir, spec):
 def generate(out_dir, seed=0, num_ids=100, per_id=20, size=112, difficulty=0.5, val_ids=0, pairs=3000,
              val_name="synth_val.bin", hard_pairs=0, hard_name="synth_hard.bin", ijb_ids=0, ijb_name="IJBC",
              ijb_templates=3, ijb_media=3, ijb_frames=3, ijb_impostor_ratio=20, ijb_difficulty=0.6, workers=None,
-             force=False, progress=True):
+             force=False, progress=True, val_ijb_name="", ijb_bin_pairs=0, ijb_bin_name=""):
     """Generate a whole folder (skipped when its manifest already matches); returns the manifest dict."""
     spec = dataset_spec(seed, num_ids, per_id, size, difficulty, val_ids, pairs, val_name, hard_pairs, hard_name,
-                        ijb_ids, ijb_name, ijb_templates, ijb_media, ijb_frames, ijb_impostor_ratio, ijb_difficulty)
+                        ijb_ids, ijb_name, ijb_templates, ijb_media, ijb_frames, ijb_impostor_ratio, ijb_difficulty,
+                        val_ijb_name, ijb_bin_pairs, ijb_bin_name)
     validate_spec(spec)
     if not force and manifest_matches(out_dir, spec):
         return load_manifest(out_dir)
@@ -393,20 +461,30 @@ def generate(out_dir, seed=0, num_ids=100, per_id=20, size=112, difficulty=0.5, 
                                    min(1.0, difficulty + 0.25), 1.8, True, workers, progress)
             files.append(hard_name)
             counts["hard_pairs"] = hard_pairs
+    ijb_folders = []  # (folder name, identities, counts prefix)
+    if val_ids and val_ijb_name:
+        ijb_folders.append((val_ijb_name, val_range, "val_ijb"))
     if ijb_ids:
-        folder = write_ijb(out_dir, seed, range(*splits["ijb"]), ijb_name, size, ijb_difficulty, ijb_templates,
-                           ijb_media, ijb_frames, ijb_impostor_ratio, workers, progress)
+        ijb_folders.append((ijb_name, range(*splits["ijb"]), "ijb"))
+    for folder_name, identities, key in ijb_folders:
+        folder = write_ijb(out_dir, seed, identities, folder_name, size, ijb_difficulty, ijb_templates,
+                           ijb_media, ijb_frames, ijb_impostor_ratio, workers, progress, prefix=ijb_name)
         prefix = ijb_name.lower()
         g1, g2 = gallery_names(ijb_name)
-        meta = [f"{ijb_name}/meta/{prefix}_{k}" for k in ("face_tid_mid.txt", "name_5pts_score.txt",
-                                                          "template_pair_label.txt", f"1N_gallery_{g1}.csv",
-                                                          f"1N_gallery_{g2}.csv", "1N_probe_mixed.csv")]
+        meta = [f"{folder_name}/meta/{prefix}_{k}" for k in ("face_tid_mid.txt", "name_5pts_score.txt",
+                                                             "template_pair_label.txt", f"1N_gallery_{g1}.csv",
+                                                             f"1N_gallery_{g2}.csv", "1N_probe_mixed.csv")]
         files += meta
         with open(os.path.join(folder, "meta", f"{prefix}_face_tid_mid.txt")) as f:
-            counts["ijb_images"] = sum(1 for line in f if line.strip())
+            counts[f"{key}_images"] = sum(1 for line in f if line.strip())
         with open(os.path.join(folder, "meta", f"{prefix}_template_pair_label.txt")) as f:
-            counts["ijb_pairs"] = sum(1 for line in f if line.strip())
+            counts[f"{key}_pairs"] = sum(1 for line in f if line.strip())
         counts["ijb_loose_size"] = int(round(size * LOOSE_FACTOR))
+    if ijb_ids and ijb_bin_pairs:
+        write_verification_bin(os.path.join(out_dir, ijb_bin_name), seed, range(*splits["ijb"]), ijb_bin_pairs, size,
+                               difficulty, 1.0, False, workers, progress)
+        files.append(ijb_bin_name)
+        counts["ijb_bin_pairs"] = ijb_bin_pairs
     manifest = {"version": GENERATOR_VERSION, "spec": spec, "counts": counts,
                 "splits": {k: list(v) for k, v in splits.items()}, "files": _file_sizes(out_dir, files)}
     _atomic_write_text(man_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -437,6 +515,7 @@ def write_preview(path, **kwargs):
     return str(path)
 
 
-__all__ = ["GENERATOR_VERSION", "NUM_FOLDS", "dataset_spec", "validate_spec", "identity_splits", "parallel_render",
+__all__ = ["GENERATOR_VERSION", "NUM_FOLDS", "artifact_splits", "dataset_spec", "validate_spec", "identity_splits",
+           "parallel_render",
            "write_train_rec", "plan_pairs", "write_verification_bin", "plan_ijb", "write_ijb", "generate",
            "load_manifest", "manifest_matches", "contact_sheet", "write_preview"]
