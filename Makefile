@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/python tools/demo.py
 
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) work_dirs demo_out .pytest_cache

@@ -128,6 +128,8 @@ def validate(cfg, where="config"):
     need(cfg.optimizer in ("sgd", "adamw"), f"`optimizer` must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     need(0 <= float(cfg.sample_rate) <= 1, f"`sample_rate` must lie in [0, 1], got {cfg.sample_rate!r}")
     need(isinstance(cfg.gradient_acc, int) and cfg.gradient_acc >= 1, f"`gradient_acc` must be an int >= 1, got {cfg.gradient_acc!r}")
+    need(cfg.margin_gradient in ("straight_through", "exact"),
+         f"`margin_gradient` must be 'straight_through' or 'exact', got {cfg.margin_gradient!r}")
     need(cfg.sampler in ("random", "pk"), f"`sampler` must be 'random' or 'pk', got {cfg.sampler!r}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"`device` must be auto, cpu or cuda, got {cfg.device!r}")
     need(isinstance(cfg.val_targets, (list, tuple)), f"`val_targets` must be a list of names, got {cfg.val_targets!r}")

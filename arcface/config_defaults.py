@@ -51,6 +51,7 @@ def engine_defaults():
 
     # -- keys this engine adds; the defaults behave as upstream's hard-coded choices ------------------------
     c.margin_scale = 64.0
+    c.margin_gradient = "straight_through"
     c.clip_grad_norm = 5.0
     c.input_size = 112
     c.network_kwargs = {}

@@ -57,6 +57,8 @@ LEGACY_KEYS = {
 # Keys this engine adds. All have defaults in configs/base.py that reproduce upstream behaviour.
 ENGINE_KEYS = {
     "margin_scale": "s of the margin softmax (upstream hard-codes 64)",
+    "margin_gradient": "margin softmax gradient: 'straight_through' (arcface_torch's: the margin is added to the target "
+                       "logit's value, its slope stays 1) or 'exact' (the derivative of cos(m1*theta + m2) - m3)",
     "clip_grad_norm": "max gradient norm of the backbone (upstream hard-codes 5); <= 0 disables clipping",
     "input_size": "square input side in pixels; 112 is the insightface size, smaller sizes are for CPU runs",
     "network_kwargs": "extra keyword arguments for get_model, e.g. {'width': 0.25} for a small CPU model",

@@ -1,6 +1,6 @@
 """Data-layer speed: RecordIO read+decode vs mxnet, DataLoader workers, sampler build at WebFace42M scale.
 
-    python benchmarks/bench_data.py [--images 2048] [--mxnet-python /tmp/mxenv/bin/python] [--skip-42m]
+    python -m benchmarks.bench_data [--images 2048] [--mxnet-python /tmp/mxenv/bin/python] [--skip-42m]
 
 The mxnet side runs in a separate interpreter (mxnet needs numpy < 1.24), on the same file, keys and
 decode-to-RGB-array work; it is skipped with a note when that interpreter is missing.
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -19,12 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arcface.data.datasets import RecordDataset, decode_image  # noqa: E402
-from arcface.data.packing import write_insightface_rec  # noqa: E402
-from arcface.data.recordio import RecordIO, unpack  # noqa: E402
-from arcface.data.samplers import DistributedSampler, PKBatchSampler  # noqa: E402
+from arcface.data.datasets import RecordDataset, decode_image
+from arcface.data.packing import write_insightface_rec
+from arcface.data.recordio import RecordIO, unpack
+from arcface.data.samplers import DistributedSampler, PKBatchSampler
 
 MXNET_SCRIPT = r"""
 import sys, time, json, warnings

@@ -1,8 +1,8 @@
 """IJB-C-sized template aggregation + 1:1 scoring: arcface.eval.ijb vs the loop reference, side by side.
 
-    python benchmarks/bench_ijb.py                      # reference timed on a fraction, extrapolated
-    python benchmarks/bench_ijb.py --full               # reference timed on everything (minutes)
-    python benchmarks/bench_ijb.py --images 50000 --templates 2500 --pairs 1000000   # smaller
+    python -m benchmarks.bench_ijb                      # reference timed on a fraction, extrapolated
+    python -m benchmarks.bench_ijb --full               # reference timed on everything (minutes)
+    python -m benchmarks.bench_ijb --images 50000 --templates 2500 --pairs 1000000   # smaller
 
 Synthetic features of IJB-C's size: 469,375 images, 23,124 templates (~20 images each, spread over
 media with several frames), 15,658,489 random template pairs of which 19,557 are labelled genuine, d=512
@@ -12,18 +12,15 @@ linear in the number of templates processed; its pair scoring is linear in the p
 are timed on a stated fraction and scaled up, and the output says so.
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arcface.eval import ijb  # noqa: E402
-from arcface.eval.metrics import tar_at_far  # noqa: E402
-from benchmarks.common import machine, peak_rss_mb  # noqa: E402
-from benchmarks.reference_ijb import (reference_image_features, reference_scores,  # noqa: E402
+from arcface.eval import ijb
+from arcface.eval.metrics import tar_at_far
+from benchmarks.common import machine, peak_rss_mb
+from benchmarks.reference_ijb import (reference_image_features, reference_scores,
                                       reference_template_features)
 
 

@@ -2,8 +2,8 @@
 setting (global batch 512, 512-d, bank 65536, 256 hard negatives per anchor) against one MobileFaceNet
 training step at the same batch, measured side by side in one run.
 
-    python benchmarks/bench_kd_losses.py                    # CPU or the first GPU
-    python benchmarks/bench_kd_losses.py --mbf-batch 64     # time MBF on 64 images and scale to --batch
+    python -m benchmarks.bench_kd_losses                    # CPU or the first GPU
+    python -m benchmarks.bench_kd_losses --mbf-batch 64     # time MBF on 64 images and scale to --batch
 
 On CPU the MobileFaceNet step at 512 images is slow; --mbf-batch times a smaller batch and scales linearly
 (printed as such). The teacher forward is not included: it is the same for every KD loss.

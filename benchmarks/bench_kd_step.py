@@ -4,25 +4,23 @@ Claim checked (issue 4): the UKD plugin adds at most 5% on top of what it cannot
     t(KD step) <= 1.05 * (t(student step) + t(teacher forward)).
 The three are timed interleaved in one process on the same batch, with the real UKDPlugin (ILED + RPSD with a
 full bank) and the engine's Partial FC. Defaults fit a 2-core CPU: MobileFaceNet student, iResNet-50 teacher,
-batch 32 at 112x112. Usage: python benchmarks/bench_kd_step.py [--batch 32] [--size 112] [--teacher r50]
+batch 32 at 112x112. Usage: python -m benchmarks.bench_kd_step [--batch 32] [--size 112] [--teacher r50]
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-from easydict import EasyDict as edict  # noqa: E402
+import torch
+from easydict import EasyDict as edict
 
-from arcface.backbones import get_model  # noqa: E402
-from arcface.config import base_config  # noqa: E402
-from arcface.engine.hooks import StepBatch, TrainContext  # noqa: E402
-from arcface.losses import CombinedMarginLoss  # noqa: E402
-from arcface.partial_fc import PartialFC_V2  # noqa: E402
-from benchmarks.common import machine  # noqa: E402
+from arcface.backbones import get_model
+from arcface.config import base_config
+from arcface.engine.hooks import StepBatch, TrainContext
+from arcface.losses import CombinedMarginLoss
+from arcface.partial_fc import PartialFC_V2
+from benchmarks.common import machine
 
 
 def main():

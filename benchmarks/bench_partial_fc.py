@@ -4,15 +4,15 @@ Each configuration runs in its own subprocess so peak RSS is its own. Claims che
 - sampling (sample_rate 0.1) makes a step at 1M classes cost a fraction of the full-rate step at 1M;
 - 2M classes at 0.1 cost about twice 1M at 0.1 (linear in the class count), nothing B x C is materialised;
 - compared with full rate at 100k classes.
-Usage: python benchmarks/bench_partial_fc.py [--batch 128] [--dim 512] [--quick]
+Usage: python -m benchmarks.bench_partial_fc [--batch 128] [--dim 512] [--quick]
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_one(classes, rate, batch, dim, repeat):
@@ -55,9 +55,9 @@ def main():
     configs = [(100_000 // scale, 1.0), (1_000_000 // scale, 1.0), (1_000_000 // scale, 0.1), (2_000_000 // scale, 0.1)]
     results = {}
     for classes, rate in configs:
-        out = subprocess.run([sys.executable, __file__, "--one", f"{classes}:{rate}", "--batch", str(args.batch),
-                              "--dim", str(args.dim), "--repeat", str(args.repeat)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_partial_fc", "--one", f"{classes}:{rate}",
+                              "--batch", str(args.batch), "--dim", str(args.dim), "--repeat", str(args.repeat)],
+                             capture_output=True, text=True, check=True, cwd=ROOT)
         results[(classes, rate)] = json.loads(out.stdout.strip().splitlines()[-1])
     print(machine())
     print(f"Partial FC forward+backward, batch {args.batch}, d={args.dim}, one CPU process")

@@ -1,7 +1,7 @@
 """Procedural-face generation speed: images per second per core at each size (render, render + JPEG),
 and train.rec writing with 1 vs N worker processes, measured side by side in one run.
 
-    python benchmarks/bench_synthetic.py [--images 300] [--rec-images 600] [--workers 2]
+    python -m benchmarks.bench_synthetic [--images 300] [--rec-images 600] [--workers 2]
 
 Prints wall-clock and CPU-time rates (CPU time is what a busy shared machine does not distort) and the
 projected time to write 100k 112x112 training images with the given workers.
@@ -10,16 +10,14 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from prettytable import PrettyTable  # noqa: E402
+import numpy as np
+from prettytable import PrettyTable
 
-from arcface.data.synthetic import make_identity, render, sample_nuisance, sample_rng, write_train_rec  # noqa: E402
+from arcface.data.synthetic import make_identity, render, sample_nuisance, sample_rng, write_train_rec
 
 
 def _machine():

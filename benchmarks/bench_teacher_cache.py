@@ -1,8 +1,8 @@
 """What the teacher embedding cache buys: a KD training step reading the cache against a plain student step and
 against a KD step running the live teacher, and building the cache against the teacher's plain inference.
 
-    python benchmarks/bench_teacher_cache.py                        # CPU defaults below, ~1-2 minutes
-    python benchmarks/bench_teacher_cache.py --input-size 112 --batch 128 --images 4096   # a GPU
+    python -m benchmarks.bench_teacher_cache                        # CPU defaults below, ~1-2 minutes
+    python -m benchmarks.bench_teacher_cache --input-size 112 --batch 128 --images 4096   # a GPU
 
 Defaults fit a 2-core CPU: student MobileFaceNet (mbf, 512-d) and teacher iResNet-50 (r50, 512-d) at 56x56
 input, batch 32, 128 random-JPEG training images, KD losses ILED + RPSD (bank 4096), one torch thread (on a
@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,18 +27,17 @@ import torch
 from easydict import EasyDict as edict
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from arcface.backbones import get_model  # noqa: E402
-from arcface.config import base_config, validate  # noqa: E402
-from arcface.data.datasets import RecordDataset  # noqa: E402
-from arcface.data.packing import write_insightface_rec  # noqa: E402
-from arcface.engine import distributed as D  # noqa: E402
-from arcface.engine.hooks import StepBatch, TrainContext  # noqa: E402
-from arcface.losses import CombinedMarginLoss  # noqa: E402
-from arcface.partial_fc import PartialFC_V2  # noqa: E402
-from plugins.ukd.cache import build_teacher_cache  # noqa: E402
-from plugins.ukd.plugin import UKDPlugin  # noqa: E402
+from arcface.backbones import get_model
+from arcface.config import base_config, validate
+from arcface.data.datasets import RecordDataset
+from arcface.data.packing import write_insightface_rec
+from arcface.engine import distributed as D
+from arcface.engine.hooks import StepBatch, TrainContext
+from arcface.losses import CombinedMarginLoss
+from arcface.partial_fc import PartialFC_V2
+from plugins.ukd.cache import build_teacher_cache
+from plugins.ukd.plugin import UKDPlugin
 
 
 def machine(device):

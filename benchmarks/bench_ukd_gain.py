@@ -3,7 +3,7 @@
 Needs the demo's data, teacher and teacher cache (run `make demo` first). For each seed it trains the half-width
 MobileFaceNet three ways (no KD, FC, UKD; same data order, same steps), evaluates each on the held-out .bin pairs and
 the procedural IJB-C, and prints per-seed numbers and the mean differences. About 2 minutes per run on 2 cores.
-    python benchmarks/bench_ukd_gain.py [--seeds 0,1] [--epochs 4]
+    python -m benchmarks.bench_ukd_gain [--seeds 0,1] [--epochs 4]
 """
 import argparse
 import json
@@ -12,9 +12,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from tools.demo import CACHE, DATA, SIZE  # noqa: E402
+from tools.demo import CACHE, DATA, SIZE
 
 _CACHED = ["kd.teacher_backend=cache", f"kd.teacher_cache={CACHE}", "kd.teacher_check=False"]
 VARIANTS = [("no KD", "synth_mbf", []),

@@ -3,7 +3,7 @@
 Each script prints its own ratios and the machine; this runner only sequences them (one at a time, so they do
 not compete for the cores) and writes each output to benchmarks/results/<name>.txt. docs/benchmarks.md records
 the figures of the last full run with their interpretation.
-    python benchmarks/run_all.py [--only kd_step,ijb] [--quick]
+    python -m benchmarks.run_all [--only kd_step,ijb] [--quick]
 """
 import argparse
 import os
@@ -41,7 +41,7 @@ def main():
     failed = []
     for name in names:
         extra = BENCHMARKS[name][1 if args.quick else 0]
-        cmd = [sys.executable, os.path.join(HERE, f"bench_{name}.py"), *extra]
+        cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", *extra]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         started = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -99,6 +99,10 @@ class UKDGraft:
             self.plugin = UKDPlugin(self.cfg)
             self.plugins = PluginDriver([self.plugin])
             self.projector = self.plugin.projector
+            if self.plugins.head_users:
+                raise ConfigError("ukd_graft: a configured KD term changes the classification head (class centres or "
+                                  "margins), which needs this project's Partial FC; upstream's train_v2.py runs its "
+                                  "own. Train it with tools/train.py, or drop that term from kd.losses")
             self.plugins.attach(self._wrap, self.device)
             self.plugins.before_training(TrainContext(
                 cfg=self.cfg, backbone=student, device=self.device, rank=self.rank, world_size=self.world_size,

@@ -113,3 +113,9 @@ def test_the_engine_imports_nothing_from_plugins():
 def test_no_sys_path_edits_in_the_package_and_tools():
     offenders = [str(p.relative_to(ROOT)) for p in module_files().values() if "sys.path" in p.read_text()]
     assert not offenders, offenders
+
+
+def test_the_public_api_resolves():
+    import arcface
+    missing = [name for name in arcface.__all__ if getattr(arcface, name, None) is None]
+    assert not missing and "load_config" in arcface.__all__ and "register_plugin" in arcface.__all__

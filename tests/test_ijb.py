@@ -1,7 +1,6 @@
 """IJB: ROC / TAR@FAR rule, vectorised aggregation and scoring vs the loop reference, 1:N, the tool end to end."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +15,10 @@ from arcface.eval.ijb_io import IJBSearchSet
 from arcface.eval.metrics import roc_curve, tar_at_far
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.reference_ijb import (reference_identification, reference_image_features,  # noqa: E402
+from benchmarks.reference_ijb import (reference_identification, reference_image_features,
                                       reference_roc, reference_scores, reference_tar_at_far,
                                       reference_template_features)
-from arcface.tools import eval_ijb  # noqa: E402
+from arcface.tools import eval_ijb
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]

@@ -1,7 +1,6 @@
 """ONNX export: same numbers as torch, dynamic batch, input named "data"; OnnxEmbedder and the tools."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,13 +9,12 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from arcface.errors import DataError  # noqa: E402
-from arcface.eval.embedder import OnnxEmbedder, TorchEmbedder, build_embedder  # noqa: E402
-from arcface.eval.onnx_export import export_onnx  # noqa: E402
+from arcface.errors import DataError
+from arcface.eval.embedder import OnnxEmbedder, TorchEmbedder, build_embedder
+from arcface.eval.onnx_export import export_onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from arcface.tools import eval_verification, torch2onnx  # noqa: E402
+from arcface.tools import eval_verification, torch2onnx
 
 
 class SmallNet(torch.nn.Module):

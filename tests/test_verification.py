@@ -1,11 +1,9 @@
 """.bin verification: loader round trip, upstream's 10-fold protocol vs a plain re-computation, callback."""
 import io
 import logging
-import os
 import pickle
 import re
 import struct
-import sys
 
 import numpy as np
 import pytest
@@ -19,8 +17,7 @@ from arcface.eval import ijb, report
 from arcface.eval.metrics import contiguous_folds, impostors_needed, kfold_accuracy, supported_fars
 from arcface.eval.verification import evaluate_embeddings, evaluate_verification, load_bin
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.reference_ijb import reference_tar_at_far  # noqa: E402
+from benchmarks.reference_ijb import reference_tar_at_far
 
 SIZE = 16
 

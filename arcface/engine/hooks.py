@@ -63,6 +63,26 @@ class Plugin:
     def before_training(self, ctx: TrainContext) -> None:
         pass
 
+    # ---- the classification head (Partial FC) ------------------------------------------------------------
+    # `head` is this rank's arcface.partial_fc.PartialFC_V2: its `weight` holds only the rows of classes
+    # [head.class_start, head.class_start + head.num_local), so whatever a plugin does to it stays sharded.
+
+    def uses_head(self) -> bool:
+        """Whether configure_head / before_head do anything; hosts that cannot offer them (the graft into
+        upstream's train_v2.py runs upstream's Partial FC) refuse a plugin that says yes."""
+        return type(self).configure_head is not Plugin.configure_head or \
+            type(self).before_head is not Plugin.before_head
+
+    def configure_head(self, head) -> None:
+        """Once, after Partial FC is built and before the optimizer is: e.g. copy in class centres
+        (`head.weight.data.copy_(rows)`), freeze them (`head.weight.requires_grad_(False)`: the optimizer then
+        never updates them), or replace the margin (`head.margin_softmax = callable(cos, shard_labels) -> logits`)."""
+
+    def before_head(self, head, batch: StepBatch) -> None:
+        """Each micro-step, after after_forward and before the Partial FC forward: e.g. move the class centres of
+        this rank's shard towards the teacher's embeddings, in place under torch.no_grad(). Collectives are
+        allowed (every rank calls it); a plugin that needs the whole batch gathers it itself."""
+
     def after_forward(self, batch: StepBatch) -> Dict[str, torch.Tensor]:
         """Named extra loss terms, each already weighted; they are added to the classification loss."""
         return {}

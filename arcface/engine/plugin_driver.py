@@ -3,9 +3,12 @@ user's own arcface_torch train_v2.py (patches/ukd_graft.py), so both call the sa
 
     set-up       attach(wrap): each plugin's trainable_modules() -> wrap (DDP when distributed) -> bind_trainable;
                  the returned parameters join the student's optimizer group and gradient clipping
+    head         configure_head(pfc): once, after Partial FC is built, before the optimizer (plugins whose
+                 uses_head() is true only)
     start        before_training(ctx), after the model, optimizer and resume exist
     micro-step   loss_terms(StepBatch): every plugin's after_forward terms (already weighted), added to the
-                 classification loss before backward; names must not collide
+                 classification loss before backward; names must not collide; then before_head(pfc, StepBatch),
+                 then the Partial FC forward
     step         after_step(StepBatch of the last micro-step), once per optimizer step, after the update
     logging      TermWindow: the terms averaged over the micro-steps of a step (or any window), named
                  `loss/<term>` (`loss/cls` is the margin softmax); then scalars() of every plugin
@@ -54,6 +57,18 @@ class PluginDriver:
     def before_training(self, ctx: TrainContext):
         for plugin in self.plugins:
             plugin.before_training(ctx)
+
+    @property
+    def head_users(self):
+        return [plugin for plugin in self.plugins if plugin.uses_head()]
+
+    def configure_head(self, head):
+        for plugin in self.head_users:
+            plugin.configure_head(head)
+
+    def before_head(self, head, batch: StepBatch):
+        for plugin in self.head_users:
+            plugin.before_head(head, batch)
 
     def loss_terms(self, batch: StepBatch) -> Dict[str, torch.Tensor]:
         terms = {}

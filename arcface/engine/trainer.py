@@ -77,9 +77,12 @@ class Trainer:
         self.clip_params = list(self.backbone.parameters()) + [p for m in self.plugins.trainable
                                                                for p in m.parameters()]
 
-        margin = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold)
-        self.pfc = PartialFC_V2(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
-                                fp16=False).to(self.device)
+        margin = CombinedMarginLoss(cfg.margin_scale, *cfg.margin_list, cfg.interclass_filtering_threshold,
+                                    margin_gradient=cfg.margin_gradient)
+        self.pfc = PartialFC_V2(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate, fp16=False,
+                                sample_seed=cfg.seed).to(self.device)
+        self.plugins.configure_head(self.pfc)
+        self.head_hooks = bool(self.plugins.head_users)
         student_params = [p for p in list(self.backbone.parameters()) + plugin_params if p.requires_grad]
         self.optimizer = build_optimizer(cfg, student_params, self.pfc)
         self.lr_scheduler = PolynomialLRWarmup(self.optimizer, self.schedule.warmup_step, self.schedule.total_step)
@@ -105,6 +108,10 @@ class Trainer:
                 self.log.info(f": {key:<32}{cfg[key]}")
             self.log.info(f"world_size {self.world_size}, device {self.device}, {self.schedule.describe()}, "
                           f"starting at step {self.global_step}")
+            m1, m2, m3 = cfg.margin_list
+            if m3 > 0 and (m1 != 1 or m2 != 0):
+                self.log.warning(f"margin_list {tuple(cfg.margin_list)}: this engine applies cos(m1*theta + m2) - m3; "
+                                 "arcface_torch would apply only the CosFace margin m3 and ignore m1 and m2")
 
     def _wrap(self, module):
         if self.world_size == 1:
@@ -189,26 +196,32 @@ class Trainer:
         for batch in self.train_loader:
             if batch_idx >= self.schedule.batches_used_per_epoch:
                 break
-            last_micro = (batch_idx - start_batch + 1) % self.schedule.gradient_acc == 0
-            step_batch = self._micro_step(batch, last_micro)
+            micro = (batch_idx - start_batch) % self.schedule.gradient_acc
+            step_batch = self._micro_step(batch, micro)
             batch_idx += 1
-            if last_micro:
+            if micro == self.schedule.gradient_acc - 1:
                 self._end_of_step(step_batch, epoch, batch_idx)
                 if self.global_step >= self.schedule.total_step:
                     break
         return batch_idx
 
-    def _micro_step(self, batch, last_micro):
-        """Forward and backward of one micro-batch; returns the plugins' view of it."""
+    def _micro_step(self, batch, micro):
+        """Forward and backward of micro-batch `micro` of this optimizer step; returns the plugins' view of it."""
+        acc = self.schedule.gradient_acc
         images = batch.images.contiguous(memory_format=self.memory_format)
-        with self._sync_unless(last_micro):
+        with self._sync_unless(micro == acc - 1):
             embeddings = self.ddp(images)
             step_batch = StepBatch(images=images, labels=batch.labels, embeddings=embeddings,
                                    step=self.global_step, index=batch.index, flip=batch.flip)
-            terms = {"cls": self.pfc(embeddings, batch.labels), **self.plugins.loss_terms(step_batch)}
+            plugin_terms = self.plugins.loss_terms(step_batch)
+            if self.head_hooks:
+                self.plugins.before_head(self.pfc, step_batch)
+            # Partial FC's negatives are a function of this counter: one draw per micro-step, restored on resume
+            loss_cls = self.pfc(embeddings, batch.labels, step=self.global_step * acc + micro)
+            terms = {"cls": loss_cls, **plugin_terms}
             loss = sum(terms.values())
             self._check_finite(loss, terms)
-            self.precision.backward(loss / self.schedule.gradient_acc)
+            self.precision.backward(loss / acc)
         self.window.add(terms)
         return step_batch
 

@@ -109,7 +109,7 @@ def run(argv=None):
             np.save(os.path.join(args.result_dir, f"scores_{args.target.lower()}_{mode.name}.npy"), scores)
 
     keys = [far_key(f) for f in IJB_FARS]
-    table = report.tar_table(rows, keys)
+    table = report.tar_table(rows, keys, impostor_pairs=int((pairs.label == 0).sum()))
     text = table.get_string()
     if ijb_io.has_search_protocol(args.image_path, args.target):
         galleries, probes = ijb_io.read_search_protocol(args.image_path, args.target)

@@ -100,6 +100,17 @@ class KDComposer(torch.nn.Module):
         for term in self.terms.values():
             term.after_step(batch)
 
+    def head_terms(self):
+        return [term for term in self.terms.values() if term.uses_head]
+
+    def configure_head(self, head):
+        for term in self.head_terms():
+            term.configure_head(head)
+
+    def before_head(self, head, batch: KDBatch):
+        for term in self.head_terms():
+            term.before_head(head, batch)
+
     def check(self, global_batch_size, pk_sampler):
         for key, term in self.terms.items():
             try:

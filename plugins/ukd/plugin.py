@@ -115,6 +115,16 @@ class UKDPlugin(Plugin):
             self._stat_counts[k] = self._stat_counts.get(k, 0) + 1
         return {f"kd/{name}": value for name, value in terms.items()}
 
+    def uses_head(self):
+        return bool(self.composer.head_terms())
+
+    def configure_head(self, head):
+        self.composer.configure_head(head)
+
+    def before_head(self, head, batch):
+        """The KD record of this micro-step (teacher embeddings included) was made in after_forward just before."""
+        self.composer.before_head(head, self._pending[-1])
+
     def after_step(self, batch):
         for record in self._pending:
             record.student = record.student.detach()

@@ -33,6 +33,16 @@ class KDLoss(torch.nn.Module):
     def check(self, global_batch_size: int, pk_sampler: bool) -> None:
         pass
 
+    # A loss that works inside the classification head (class centres, margins) sets uses_head = True and
+    # overrides these; the engine's contract is arcface.engine.hooks.Plugin.configure_head / before_head.
+    uses_head = False
+
+    def configure_head(self, head) -> None:
+        pass
+
+    def before_head(self, head, batch: KDBatch) -> None:
+        pass
+
 
 def compute_dtype(tensor):
     """At least float32 (AMP hands fp16 embeddings), float64 kept (golden tests)."""
