@@ -9,6 +9,7 @@ The engine checks its own keys only. A top-level key owned by a plugin (found th
 arcface/engine/plugins.py) gets that plugin's defaults and is checked by the plugin.
 """
 import ast
+import difflib
 import logging
 import os
 import runpy
@@ -17,7 +18,7 @@ from pathlib import Path
 from easydict import EasyDict as edict
 
 from .config_defaults import engine_defaults
-from .config_keys import ALL_KEYS, DERIVED_KEYS, LEGACY_KEYS
+from .config_keys import ALL_KEYS, DERIVED_KEYS, KEY_ALIASES, LEGACY_KEYS
 from .engine.plugins import PLUGINS, discover_plugins, parse_plugin_entry, plugin_sections, validate_sections
 from .errors import ConfigError, did_you_mean
 
@@ -31,7 +32,18 @@ def unknown_key_error(key, known, where):
     if not plugin_sections():
         hint += ("; no plugin with a config section is registered: `pip install -e .` registers this project's "
                  "plugins (e.g. the KD plugin's `kd`)")
-    return ConfigError(f"{where}: unknown config key '{key}'{did_you_mean(key, known)} ({hint})")
+    return ConfigError(f"{where}: unknown config key '{key}'{suggest_key(key, known)} ({hint})")
+
+
+def suggest_key(key, known):
+    """'; did you mean ...?' by meaning (KEY_ALIASES: the names other trainers use) or else by spelling."""
+    alias = KEY_ALIASES.get(str(key).lower().replace("-", "_"))
+    if alias in known:
+        return f"; did you mean '{alias}'?"
+    spelled = difflib.get_close_matches(str(key), list(known) + list(KEY_ALIASES), n=1, cutoff=0.6)
+    if spelled:
+        return f"; did you mean '{KEY_ALIASES.get(spelled[0], spelled[0])}'?"
+    return did_you_mean(key, known)
 
 
 def base_config():
@@ -116,21 +128,66 @@ def load_config(path, overrides=()):
 
 
 def validate(cfg, where="config"):
-    """Value checks that would otherwise fail deep inside training."""
+    """Value checks that would otherwise fail deep inside training (after the data is set up, or mid-run)."""
     def need(cond, msg):
         if not cond:
             raise ConfigError(f"{where}: {msg}")
 
-    need(cfg.rec is not None, "`rec` is not set (a dataset folder with train.rec/train.idx, an image folder, or 'synthetic')")
-    need(isinstance(cfg.num_classes, int) and cfg.num_classes > 0, f"`num_classes` must be a positive int, got {cfg.num_classes!r}")
-    need(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, f"`batch_size` must be a positive int, got {cfg.batch_size!r}")
-    need(len(tuple(cfg.margin_list)) == 3, f"`margin_list` must be (m1, m2, m3), got {cfg.margin_list!r}")
+    def number(key, low=None, high=None, low_open=False, integer=False, optional=False):
+        value = cfg.get(key)
+        if value is None and optional:
+            return
+        kind = "an int" if integer else "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+        if ok and integer:
+            ok = float(value).is_integer()
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low}")
+            ok = ok and (value > low if low_open else value >= low)
+        if high is not None:
+            bounds.append(f"<= {high}")
+            ok = ok and value <= high
+        need(ok, f"`{key}` must be {kind}{' ' + ' and '.join(bounds) if bounds else ''}"
+                 f"{' (or None)' if optional else ''}, got {value!r}")
+
+    need(cfg.rec is not None, "`rec` is not set (a dataset folder with train.rec/train.idx, an image folder, or "
+                              "'synthetic')")
+    number("num_classes", 1, integer=True)
+    number("batch_size", 1, integer=True)
+    number("embedding_size", 1, integer=True)
+    number("input_size", 1, integer=True)
+    need(isinstance(cfg.margin_list, (list, tuple)) and len(tuple(cfg.margin_list)) == 3,
+         f"`margin_list` must be (m1, m2, m3), got {cfg.margin_list!r}")
+    number("margin_scale", 0, low_open=True)
     need(cfg.optimizer in ("sgd", "adamw"), f"`optimizer` must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
-    need(0 <= float(cfg.sample_rate) <= 1, f"`sample_rate` must lie in [0, 1], got {cfg.sample_rate!r}")
-    need(isinstance(cfg.gradient_acc, int) and cfg.gradient_acc >= 1, f"`gradient_acc` must be an int >= 1, got {cfg.gradient_acc!r}")
+    number("lr", 0, low_open=True)
+    number("momentum", 0, 1)
+    number("weight_decay", 0)
+    number("sample_rate", 0, 1, low_open=True)
+    number("gradient_acc", 1, integer=True)
+    number("num_epoch", 0, integer=True)
+    number("max_steps", 1, integer=True, optional=True)
+    need(cfg.num_epoch > 0 or cfg.max_steps, "`num_epoch` = 0 needs `max_steps` (the run's length in steps)")
+    number("warmup_epoch", None)
+    number("frequent", 1, integer=True)
+    number("verbose", 1, integer=True)
+    number("save_every_steps", 0, integer=True)
+    number("clip_grad_norm", None)
+    number("num_workers", 0, integer=True)
+    number("num_threads", 1, integer=True, optional=True)
+    number("seed", 0, integer=True)
     need(cfg.margin_gradient in ("straight_through", "exact"),
          f"`margin_gradient` must be 'straight_through' or 'exact', got {cfg.margin_gradient!r}")
     need(cfg.sampler in ("random", "pk"), f"`sampler` must be 'random' or 'pk', got {cfg.sampler!r}")
+    if cfg.sampler == "pk":
+        number("pk_k", 1, integer=True)
+        number("pk_random_fraction", 0, 1)
+    if cfg.dali:
+        odd = [f"{k}={cfg[k]!r}" for k, default in (("sampler", "random"), ("skip_bad_records", False))
+               if cfg[k] != default]
+        need(not odd, f"dali=True reads train.rec in DALI's own shuffled order and cannot honour {', '.join(odd)}; "
+                      "set dali=False to use them")
     need(cfg.device in ("auto", "cpu", "cuda"), f"`device` must be auto, cpu or cuda, got {cfg.device!r}")
     need(isinstance(cfg.val_targets, (list, tuple)), f"`val_targets` must be a list of names, got {cfg.val_targets!r}")
     need(isinstance(cfg.network_kwargs, dict), f"`network_kwargs` must be a dict, got {cfg.network_kwargs!r}")

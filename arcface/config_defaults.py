@@ -68,6 +68,7 @@ def engine_defaults():
     c.device = "auto"
     c.dist_backend = None
     c.tensorboard = True
+    c.num_threads = None
     c.plugins = []
     c.plugin_modules = []
     return c

@@ -14,9 +14,10 @@ UPSTREAM_KEYS = {
     "save_all_states": "write per-rank checkpoint_gpu_<rank>.pt (needed for resume)",
     "output": "output folder; None means work_dirs/<config file name>",
     "embedding_size": "embedding dimension of the backbone",
-    "sample_rate": "Partial FC: fraction of class centres sampled per step (positives always kept); 1 = all",
+    "sample_rate": "Partial FC: fraction of class centres sampled per step, in (0, 1] (positives always kept); 1 = all",
     "interclass_filtering_threshold": "> 0 zeroes non-target logits above this cosine (noisy-label filtering)",
-    "fp16": "mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU",
+    "fp16": "mixed precision: fp16 autocast + GradScaler on CUDA; on CPU bf16 autocast where the CPU has fast bf16 "
+            "kernels, else float32 (the log says which)",
     "batch_size": "images per process (per GPU) per step",
     "optimizer": "sgd or adamw",
     "lr": "base learning rate (peak after warmup)",
@@ -32,18 +33,19 @@ UPSTREAM_KEYS = {
     "rec": "dataset folder holding train.rec/train.idx (and the .bin targets), an image folder, or 'synthetic'",
     "num_classes": "number of identities (labels must lie in [0, num_classes))",
     "num_image": "number of training images (for step counting; checked against the data)",
-    "num_epoch": "training epochs",
+    "num_epoch": "training epochs (0: as many as max_steps needs)",
     "warmup_epoch": "linear warmup epochs before the polynomial decay (<= 0: none)",
     "val_targets": "names of <rec>/<name>.bin verification sets to run every `verbose` steps",
-    "wandb_key": "Weights & Biases API key (wandb is optional and not installed by default)",
-    "suffix_run_name": "suffix of the wandb run name",
-    "using_wandb": "log to Weights & Biases",
-    "wandb_entity": "wandb entity",
-    "wandb_project": "wandb project",
-    "wandb_log_all": "wandb: log from every rank",
-    "save_artifacts": "wandb: upload model.pt as an artifact",
-    "wandb_resume": "wandb: resume the last run",
-    "notes": "free text attached to the run (upstream reads it for wandb)",
+    "wandb_key": "Weights & Biases API key for the login (not needed with WANDB_MODE=offline)",
+    "suffix_run_name": "wandb: suffix of the run name <yymmdd_HHMM>_GPU<rank>",
+    "using_wandb": "log to Weights & Biases (pip install 'ukd[wandb]'): config, loss, lr, verification accuracy; "
+                   "the run's files go to <output>/wandb",
+    "wandb_entity": "wandb entity (user or team) of the run",
+    "wandb_project": "wandb project of the run",
+    "wandb_log_all": "wandb: a run per rank instead of rank 0 only",
+    "save_artifacts": "wandb: upload model.pt as an artifact after every epoch and at the end",
+    "wandb_resume": "wandb: resume the run (wandb.init's resume argument)",
+    "notes": "wandb: free text attached to the run",
 }
 
 # Keys that older arcface_torch configs carry; accepted so those files run, and reported as ignored.
@@ -63,7 +65,11 @@ ENGINE_KEYS = {
     "input_size": "square input side in pixels; 112 is the insightface size, smaller sizes are for CPU runs",
     "network_kwargs": "extra keyword arguments for get_model, e.g. {'width': 0.25} for a small CPU model",
     "pretrained_backbone": "path of a model.pt/backbone.pth to initialise the backbone from (strict load)",
-    "max_steps": "stop after this many global steps (None: num_epoch epochs)",
+    "max_steps": "the run's length in optimizer steps at most: training and the LR schedule (which decays to 0 at "
+                 "its last step) end at min(max_steps, num_epoch epochs); with num_epoch=0 max_steps alone decides "
+                 "(None: num_epoch epochs)",
+    "num_threads": "torch CPU threads per process (None: OMP_NUM_THREADS if set, else the cores divided among the "
+                   "local processes); DataLoader workers use one thread each",
     "save_every_steps": "also write checkpoints every N global steps (0: only at the end of each epoch)",
     "channels_last": "channels-last memory format for the backbones and their inputs (faster convolutions on CPU "
                      "and tensor cores)",
@@ -92,3 +98,30 @@ DERIVED_KEYS = {
 }
 
 ALL_KEYS = {**UPSTREAM_KEYS, **LEGACY_KEYS, **ENGINE_KEYS}
+
+# What users of other trainers call these keys: an unknown key that is one of these (or is spelled like one) is
+# answered with the key it means, e.g. learning_rate -> lr, which spelling alone would not find.
+KEY_ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "lr_rate": "lr", "init_lr": "lr",
+    "epochs": "num_epoch", "num_epochs": "num_epoch", "max_epoch": "num_epoch", "max_epochs": "num_epoch",
+    "warmup": "warmup_epoch", "warmup_epochs": "warmup_epoch",
+    "max_iter": "max_steps", "max_iters": "max_steps", "total_steps": "max_steps", "steps": "max_steps",
+    "batchsize": "batch_size", "bs": "batch_size", "batch": "batch_size",
+    "workers": "num_workers", "threads": "num_threads",
+    "wd": "weight_decay", "decay": "weight_decay",
+    "backbone": "network", "model": "network", "arch": "network",
+    "emb_size": "embedding_size", "embedding_dim": "embedding_size", "feature_dim": "embedding_size",
+    "num_features": "embedding_size",
+    "margin": "margin_list", "margins": "margin_list", "scale": "margin_scale",
+    "classes": "num_classes", "num_class": "num_classes", "num_ids": "num_classes",
+    "data": "rec", "data_dir": "rec", "dataset_dir": "rec", "train_data": "rec",
+    "amp": "fp16", "mixed_precision": "fp16", "half": "fp16",
+    "grad_accum": "gradient_acc", "accumulation_steps": "gradient_acc", "gradient_accumulation": "gradient_acc",
+    "val_sets": "val_targets", "val_datasets": "val_targets", "eval_sets": "val_targets",
+    "log_every": "frequent", "print_freq": "frequent", "log_interval": "frequent",
+    "eval_every": "verbose", "val_freq": "verbose", "eval_interval": "verbose",
+    "save_every": "save_every_steps", "checkpoint_every": "save_every_steps",
+    "clip": "clip_grad_norm", "grad_clip": "clip_grad_norm", "max_grad_norm": "clip_grad_norm",
+    "distill": "kd", "distillation": "kd", "knowledge_distillation": "kd",
+    "pretrained": "pretrained_backbone", "init_weights": "pretrained_backbone",
+}

@@ -12,11 +12,9 @@ class UKDError(Exception):
     """Base of every error this project raises on purpose."""
 
 
-class ConfigError(UKDError, KeyError):
-    """A config file, key or value is wrong. Subclasses KeyError so `cfg.missing` style code still works."""
-
-    def __str__(self):  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
+class ConfigError(UKDError):
+    """A config file, key or value is wrong. Deliberately not a KeyError: code that handles a missing dict key
+    must never swallow a user's configuration mistake."""
 
 
 class DataError(UKDError):

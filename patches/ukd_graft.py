@@ -26,7 +26,7 @@ import torch
 from easydict import EasyDict as edict
 
 from arcface.engine.hooks import StepBatch, TrainContext
-from arcface.engine.plugin_driver import PluginDriver, TermWindow
+from arcface.engine.plugin_driver import PluginDriver, TermWindow, log_scalars
 from arcface.errors import CheckpointError, ConfigError
 from plugins.ukd.plugin import UKDPlugin
 
@@ -186,7 +186,7 @@ class UKDGraft:
         self._optimizer_checked = True
 
     def _log(self, global_step):
-        _, values = self._window.take()
+        values = log_scalars(self._window.take())
         values.update(self.plugins.scalars())
         if self.rank != 0:
             return

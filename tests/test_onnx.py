@@ -9,7 +9,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from arcface.errors import DataError
+from arcface.errors import ConfigError, DataError
 from arcface.eval.embedder import OnnxEmbedder, TorchEmbedder, build_embedder
 from arcface.eval.onnx_export import export_onnx
 
@@ -112,3 +112,13 @@ def write_small_bin(path, size=32, pairs=10):
             bins.append(buf.getvalue())
     with open(path, "wb") as f:
         pickle.dump((bins, [i % 2 == 0 for i in range(pairs)]), f)
+
+
+def test_onnx_evaluation_takes_its_input_size_from_the_model_and_honours_the_device(tmp_path):
+    path = str(tmp_path / "small.onnx")
+    export_onnx(SmallNet().eval(), path, input_size=24)
+    assert build_embedder(path).input_size == 24  # no --input-size: the graph's own, not 112
+    assert build_embedder(path, device="cpu").session.get_providers() == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ConfigError, match=r"--device cuda, but this onnxruntime has no CUDAExecutionProvider"):
+            build_embedder(path, device="cuda")

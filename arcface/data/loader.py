@@ -28,7 +28,9 @@ SYNTHETIC_LENGTH = 1_000_000  # upstream's SyntheticDataset length
 
 
 def seed_worker(worker_id, base_seed):
-    """Upstream's worker seeding: seed + rank * num_workers + worker_id, for numpy, random and torch."""
+    """Upstream's worker seeding: seed + rank * num_workers + worker_id, for numpy, random and torch. A worker
+    decodes JPEGs and uses one thread: more would compete with the training process for the cores."""
+    torch.set_num_threads(1)
     seed = base_seed + worker_id
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -184,8 +186,8 @@ def get_dataloader(cfg, rank=0, world_size=1, device="cpu"):
                             "folder or 'synthetic'")
     num_image = cfg.get("num_image") if hasattr(cfg, "get") else None
     if rec != "synthetic" and num_image is not None and int(num_image) != len(dataset):
-        log.warning("config num_image=%d but %s holds %d images; the schedule uses num_image, the loader "
-                    "the data", int(num_image), rec, len(dataset))
+        log.warning("config num_image=%d but %s holds %d images; the data decides (steps per epoch follow the "
+                    "loader), num_image is not used for training", int(num_image), rec, len(dataset))
     return TrainLoader(dataset, int(cfg.batch_size), device, rank, world_size, seed,
                        num_workers=int(_cfg(cfg, "num_workers", 2)), sampler=_cfg(cfg, "sampler", "random"),
                        pk_k=int(_cfg(cfg, "pk_k", 4)), pk_random_fraction=float(_cfg(cfg, "pk_random_fraction", 0.0)))

@@ -28,6 +28,11 @@ def get_local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def get_local_world_size():
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def init_distributed(backend=None, device_type="cpu"):
     """Join the torchrun group, or make a group of one when launched with plain python.
 

@@ -1,8 +1,12 @@
-"""The arcface_torch training log line, extended with named scalars (KD terms, mining statistics).
+"""The arcface_torch training log line, extended with the other loss terms and, on a second line, statistics.
 
     Training: 2026-11-30 12:00:00-Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.200000   Epoch: 0   \
-Global Step: 100   Required: 3 hours   kd/iled 0.0123  kd/rpsd 0.0045
+Global Step: 100   Required: 3 hours   total 1.4212   loss/kd/iled 0.2468   loss/kd/rpsd 0.0779
+    Training: 2026-11-30 12:00:00-    kd/iled 0.02468   kd/iled/hard_frac 0.25   kd/teacher_ms 8.1   ...
 
+`Loss` is the margin-softmax loss, as upstream prints it, so a KD run's line compares with a plain run's; the
+total and each weighted extra term (scalars named `loss/<term>`) follow it; every other scalar (unweighted KD
+terms, weights, mining statistics) goes to a second line and to TensorBoard.
 Rank 0 writes stdout, <output>/training.log and TensorBoard; other ranks log warnings only.
 """
 import logging
@@ -91,11 +95,16 @@ class TrainLogger:
         line = (f"Speed {speed:.2f} samples/sec   Loss {self.loss.avg:.4f}   LearningRate {lr:.6f}   "
                 f"Epoch: {epoch}   Global Step: {global_step}   ")
         if grad_scale is not None:
-            line += f"Fp16 Grad Scale: {grad_scale:.0f}   "
-        line += f"Required: {hours_left:.1f} hours"
-        for name in sorted(self.scalars):
-            line += f"   {name} {self.scalars[name].avg:.4g}"
+            line += f"Fp16 Grad Scale: {grad_scale:2.0f}   "
+        line += f"Required: {hours_left:1.0f} hours"
+        terms = sorted(n for n in self.scalars if n.startswith("loss/"))
+        terms.sort(key=lambda n: n != "loss/total")  # the total first, then the terms by name
+        for name in terms:
+            line += f"   {'total' if name == 'loss/total' else name} {self.scalars[name].avg:.4f}"
         get_logger().info(line)
+        stats = [f"{name} {self.scalars[name].avg:.4g}" for name in sorted(self.scalars) if name not in terms]
+        if stats:
+            get_logger().info("    " + "   ".join(stats))
         self.last_line = line
         if self.writer is not None:
             self.writer.add_scalar("loss", self.loss.avg, global_step)

@@ -122,9 +122,17 @@ class TermWindow:
         self.count += 1
 
     def take(self):
-        """(total, {log name: mean}) of the window, then empty it. The classification term is shown on its own
-        only beside other terms (a plain run logs the loss alone, as upstream)."""
+        """{term: mean over the window}, then empty the window."""
         means = {name: value / max(self.count, 1) for name, value in self._sums.items()}
         self._sums, self.count = {}, 0
-        named = {f"loss/{name}": value for name, value in means.items() if name != CLS_TERM or len(means) > 1}
-        return sum(means.values()), named
+        return means
+
+
+def log_scalars(means):
+    """The window's means as log scalars: `loss/total` and `loss/<term>` beside the classification loss, which the
+    log line prints as `Loss` (nothing extra when it is the only term: a plain run logs as upstream)."""
+    if len(means) <= 1:
+        return {}
+    named = {f"loss/{name}": value for name, value in means.items()}
+    named["loss/total"] = sum(means.values())
+    return named

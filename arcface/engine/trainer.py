@@ -15,23 +15,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as D
 from .checkpoint import atomic_save, checkpoint_path, load_checkpoint, rng_state, set_rng_state
-from .device import pick_device, seed_everything
+from .device import configure_threads, pick_device, seed_everything
 from .hooks import StepBatch, TrainContext
 from .logging import TrainLogger, init_logging
-from .plugin_driver import PluginDriver, TermWindow
+from .plugin_driver import PluginDriver, TermWindow, log_scalars
 from .plugins import build_plugins
-from .precision import MixedPrecision
+from .precision import MixedPrecision, autocast_for
 from .schedule import TrainSchedule
+from .wandb_run import WandbRun
 from .scheduler import PolynomialLRWarmup
 from ..errors import CheckpointError, TrainingDiverged
 from ..losses import CombinedMarginLoss
 from ..partial_fc import PartialFC_V2
 
 
-def build_backbone(cfg):
+def build_backbone(cfg, autocast=None):
+    """The student; `autocast` (default: cfg.fp16) is what its forward does (see precision.autocast_for)."""
     from ..backbones import get_model
-    return get_model(cfg.network, dropout=0.0, fp16=cfg.fp16, num_features=cfg.embedding_size,
-                     input_size=cfg.input_size, **dict(cfg.network_kwargs))
+    return get_model(cfg.network, dropout=0.0, fp16=cfg.fp16 if autocast is None else autocast,
+                     num_features=cfg.embedding_size, input_size=cfg.input_size, **dict(cfg.network_kwargs))
 
 
 def build_optimizer(cfg, student_params, pfc):
@@ -57,13 +59,17 @@ class Trainer:
         seed_everything(cfg.seed)
         self.log = init_logging(self.rank, cfg.output)
         os.makedirs(cfg.output, exist_ok=True)
+        self.threads = configure_threads(cfg.num_threads, D.get_local_world_size())
+        self.autocast, self.precision_note = autocast_for(cfg.fp16, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as upstream: fixed input sizes, fastest kernels
 
         if self.train_loader is None:
             from ..data.loader import get_dataloader
             self.train_loader = get_dataloader(cfg, self.rank, self.world_size, self.device)
         self.schedule = TrainSchedule.from_config(cfg, len(self.train_loader), self.world_size)
 
-        self.backbone = build_backbone(cfg).to(self.device)
+        self.backbone = build_backbone(cfg, self.autocast).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.backbone = self.backbone.to(memory_format=self.memory_format)
         if cfg.pretrained_backbone:
@@ -87,6 +93,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, student_params, self.pfc)
         self.lr_scheduler = PolynomialLRWarmup(self.optimizer, self.schedule.warmup_step, self.schedule.total_step)
         self.precision = MixedPrecision(cfg.fp16, self.device)
+        self.wandb = WandbRun.start(cfg, self.rank)
 
         self.start_epoch, self.start_batch, self.global_step = 0, 0, 0
         if cfg.resume:
@@ -108,6 +115,8 @@ class Trainer:
                 self.log.info(f": {key:<32}{cfg[key]}")
             self.log.info(f"world_size {self.world_size}, device {self.device}, {self.schedule.describe()}, "
                           f"starting at step {self.global_step}")
+            self.log.info(f"precision: {self.precision_note}; torch threads per process: {self.threads[0]} "
+                          f"({self.threads[1]})")
             m1, m2, m3 = cfg.margin_list
             if m3 > 0 and (m1 != 1 or m2 != 0):
                 self.log.warning(f"margin_list {tuple(cfg.margin_list)}: this engine applies cos(m1*theta + m2) - m3; "
@@ -122,7 +131,11 @@ class Trainer:
                   "bucket_cap_mb": 16}
         if self.device.type == "cuda":
             kwargs["device_ids"] = [self.device.index]
-        return DistributedDataParallel(module, **kwargs)
+        ddp = DistributedDataParallel(module, **kwargs)
+        if self.device.type == "cuda" and self.cfg.fp16:  # as upstream: gradients travel as fp16 between GPUs
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+            ddp.register_comm_hook(None, fp16_compress_hook)
+        return ddp
 
     def _build_verification(self):
         cfg = self.cfg
@@ -181,13 +194,23 @@ class Trainer:
             batch_idx = self._run_epoch(epoch, self.start_batch if epoch == self.start_epoch else 0)
             epoch_complete = batch_idx >= self.schedule.batches_used_per_epoch
             epoch += int(epoch_complete)
-            done = self.global_step >= self.schedule.total_step or epoch >= self.schedule.num_epoch
+            done = self.global_step >= self.schedule.total_step or \
+                (self.schedule.num_epoch > 0 and epoch >= self.schedule.num_epoch)
             self.save(epoch, 0 if epoch_complete else batch_idx)
+            if epoch_complete and self.wandb is not None and self.rank == 0:
+                self.wandb.log_model(os.path.join(self.cfg.output, "model.pt"), f"E{epoch - 1}")
             if getattr(self.train_loader, "bad_records", 0):
                 self.log.warning(f"{self.train_loader.bad_records} bad records skipped so far")
         if self.verification is not None:
-            self.verification(self.global_step, self.backbone)
+            self._verify()
+        if self.wandb is not None and self.rank == 0:
+            self.wandb.log_model(os.path.join(self.cfg.output, "model.pt"), "Final")
         return self
+
+    def _verify(self):
+        results = self.verification(self.global_step, self.backbone)  # restores train mode itself
+        if self.wandb is not None:
+            self.wandb.log_verification(results, self.global_step)
 
     def _run_epoch(self, epoch, start_batch):
         """Optimizer steps until the epoch or the schedule ends; returns the batch index reached."""
@@ -234,15 +257,18 @@ class Trainer:
         self.plugins.after_step(step_batch)
         self.global_step += 1
 
-        total, scalars = self.window.take()
+        means = self.window.take()
+        scalars = log_scalars(means)
         scalars.update(self.plugins.scalars())
-        self.logger.update(total, scalars)
+        self.logger.update(means["cls"], scalars)
         if self.rank == 0:
-            self.history.append((self.global_step, total))
-        self.logger(self.global_step, epoch, self.optimizer.param_groups[0]["lr"], self.precision.scale,
-                    self.schedule.gradient_acc)
+            self.history.append((self.global_step, sum(means.values())))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.logger(self.global_step, epoch, lr, self.precision.scale, self.schedule.gradient_acc)
+        if self.wandb is not None:
+            self.wandb.log_step(means["cls"], self.logger.loss.avg, self.global_step, epoch, lr)
         if self.verification is not None and self.global_step % cfg.verbose == 0:
-            self.verification(self.global_step, self.backbone)  # restores train mode itself
+            self._verify()
         if (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0
                 and batch_idx < self.schedule.batches_used_per_epoch):
             self.save(epoch, batch_idx)
@@ -270,6 +296,8 @@ class Trainer:
     def close(self):
         if getattr(self, "writer", None) is not None:
             self.writer.close()
+        if getattr(self, "wandb", None) is not None:
+            self.wandb.finish()
         self.ddp = None
         if getattr(self, "plugins", None) is not None:
             self.plugins.detach()

@@ -58,10 +58,25 @@ class TorchEmbedder:
         return out.detach().float().cpu().numpy()
 
 
-class OnnxEmbedder:
-    """onnxruntime (CPU) session of an exported backbone; its input size is read from the graph."""
+def onnx_providers(ort, device=None):
+    """onnxruntime execution providers for a device: CUDA when asked for (or, with no device given, when
+    onnxruntime-gpu offers it), else the CPU."""
+    available = ort.get_available_providers()
+    wanted = torch.device(device).type if device is not None else \
+        ("cuda" if "CUDAExecutionProvider" in available else "cpu")
+    if wanted == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ConfigError("--device cuda, but this onnxruntime has no CUDAExecutionProvider (providers: "
+                              f"{', '.join(available)}); pip install 'ukd[onnx-gpu]' (onnxruntime-gpu)")
+        index = torch.device(device).index if device is not None else None
+        return [("CUDAExecutionProvider", {"device_id": index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
-    def __init__(self, path, providers=("CPUExecutionProvider",)):
+
+class OnnxEmbedder:
+    """onnxruntime session of an exported backbone, on the CPU or a GPU; its input size is read from the graph."""
+
+    def __init__(self, path, device=None):
         try:
             import onnxruntime as ort
         except ImportError as err:
@@ -70,8 +85,9 @@ class OnnxEmbedder:
             raise CheckpointError(f"ONNX model {path} does not exist")
         self.path = str(path)
         self.source = self.path
+        providers = onnx_providers(ort, device)
         try:
-            self.session = ort.InferenceSession(self.path, providers=list(providers))
+            self.session = ort.InferenceSession(self.path, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for corrupt graphs
             raise CheckpointError(f"cannot load ONNX model {path}: {err}") from err
         inputs = self.session.get_inputs()
@@ -143,14 +159,20 @@ def _embedding_size_of(state, network, kwargs, default=512):
     return default
 
 
-def build_embedder(model_path, network=None, input_size=112, network_kwargs=None, device=None):
-    """A .onnx file gives an OnnxEmbedder; anything else is a torch checkpoint for `network`."""
+def build_embedder(model_path, network=None, input_size=None, network_kwargs=None, device=None):
+    """A .onnx file gives an OnnxEmbedder (on `device`: CUDA or CPU), anything else a torch checkpoint for
+    `network`. input_size None: the ONNX graph's own (else 112); a given size must agree with the model's. The
+    embedder's `input_size` is the size to feed it."""
     if str(model_path).lower().endswith(".onnx"):
-        embedder = OnnxEmbedder(model_path)
+        embedder = OnnxEmbedder(model_path, device)
     else:
         if not network:
             raise ConfigError(f"--network is needed to build a model for the checkpoint {model_path}")
         device = torch.device(device) if device is not None else default_device()
-        embedder = TorchEmbedder(build_network(network, model_path, input_size, network_kwargs).to(device), device)
-    embedder.check_input_size(input_size, "--input-size")
+        module = build_network(network, model_path, input_size or 112, network_kwargs).to(device)
+        embedder = TorchEmbedder(module, device)
+    if input_size is not None:
+        embedder.check_input_size(input_size, "--input-size")
+    if embedder.input_size is None:
+        embedder.input_size = int(input_size or 112)
     return embedder

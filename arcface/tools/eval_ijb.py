@@ -36,14 +36,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", default=128, type=int)
     p.add_argument("--network", default="r50", help="get_model name (iresnet50 is read as r50)")
     p.add_argument("--network-kwargs", default="{}", help='extra get_model keywords as JSON, e.g. \'{"width": 0.5}\'')
-    p.add_argument("--input-size", default=112, type=int, help="side of the aligned crop the model takes")
+    p.add_argument("--input-size", default=None, type=int, help="side of the aligned crop the model takes "
+                   "(default: an ONNX model's own input size, else 112)")
     p.add_argument("--job", default="insightface", help="job name, first part of the method name")
     p.add_argument("--target", default="IJBC", help="IJBC or IJBB")
     p.add_argument("--modes", default="N1D1F1", help="comma list of N<0|1>D<0|1>F<0|1> or 'all' (upstream: N1D1F1)")
     p.add_argument("--save-features", default="", help="write img_feats / faceness_scores to this .npz")
     p.add_argument("--features", default="", help="re-score from a --save-features .npz instead of a model")
     p.add_argument("--save-scores", action="store_true", help="also write the pair scores as .npy per mode")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda or cpu for the model, torch or ONNX (default: cuda when "
+                   "available)")
     p.add_argument("--workers", default=4, type=int, help="threads decoding and aligning crops")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
@@ -73,6 +75,7 @@ def image_features(args, images):
         return ijb.load_features(args.features, images.names)
     ijb_io.check_images_exist(args.image_path, images.names)
     embedder = build_embedder(args.model, args.network, args.input_size, args.network_kwargs, args.device)
+    args.input_size = embedder.input_size
     folder = ijb_io.image_dir(args.image_path)
     paths = [os.path.join(folder, name) for name in images.names]
     feats = ijb.extract_features(embedder, paths, images.landmarks, args.batch_size, args.input_size,

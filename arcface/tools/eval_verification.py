@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--targets", default="lfw,cfp_fp,agedb_30", help="comma list of .bin names")
     p.add_argument("--batch-size", default=64, type=int)
     p.add_argument("--nfolds", default=10, type=int)
-    p.add_argument("--input-size", default=112, type=int)
+    p.add_argument("--input-size", default=None, type=int,
+                   help="image side the model takes (default: an ONNX model's own input size, else 112)")
     p.add_argument("--result-dir", default="", help="also write verification.json and table.txt here")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -50,6 +51,7 @@ def parse_args(argv=None):
 def run(argv=None):
     args = parse_args(argv)
     embedder = build_embedder(args.model, args.network, args.input_size, args.network_kwargs, args.device)
+    args.input_size = embedder.input_size
     results = {}
     for name in args.targets:
         dataset = load_bin(os.path.join(args.data_dir, f"{name}.bin"), args.input_size, name=name)

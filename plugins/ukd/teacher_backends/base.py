@@ -12,6 +12,7 @@ images), and stays frozen whatever `train()` is called with. `kd.teacher_backend
 """
 import torch
 
+from arcface.engine.precision import autocast_for
 from arcface.errors import ConfigError
 from arcface.registry import Registry
 
@@ -63,7 +64,7 @@ def teacher_precision(source, fp16, device):
     """How a live teacher of this source computes (recorded in a cache, compared at training time)."""
     if source == "onnx":
         return "onnxruntime float32"
-    if not fp16:
+    if not autocast_for(fp16, device)[0]:
         return "float32"
     return "float16 autocast" if torch.device(device).type == "cuda" else "bfloat16 autocast"
 

@@ -2,6 +2,7 @@
 import logging
 import time
 
+from arcface.engine.precision import autocast_for
 from arcface.errors import ConfigError, DataError
 
 from ..cache.file_format import dataset_identity, file_sha256, open_for_training
@@ -71,5 +72,6 @@ class CacheTeacherBackend(TeacherBackend):
         if teacher_source(self.kd) == "onnx":
             return OnnxTeacherEmbedder(build_onnx_teacher(self.kd, self.cfg.input_size, self.device))
         from arcface.eval.embedder import TorchEmbedder
-        teacher = build_teacher(self.kd, bool(self.cfg.fp16), self.device, self.cfg.input_size)
+        teacher = build_teacher(self.kd, autocast_for(bool(self.cfg.fp16), self.device)[0], self.device,
+                                self.cfg.input_size)
         return TorchEmbedder(teacher.backbone, self.device)

@@ -1,4 +1,6 @@
 """The live teacher from an arcface checkpoint (kd.teacher_network + kd.teacher_weights)."""
+from arcface.engine.precision import autocast_for
+
 from ..teacher import build_teacher
 from .base import TeacherBackend, register_teacher_backend
 
@@ -7,7 +9,9 @@ from .base import TeacherBackend, register_teacher_backend
 class TorchTeacherBackend(TeacherBackend):
     def __init__(self, kd, cfg, ctx):
         self.device = ctx.device
-        self.model = build_teacher(kd, bool(cfg.fp16), ctx.device, cfg.input_size, bool(cfg.get("channels_last")))
+        # fp16 as the student gets it: fp16 autocast on CUDA, bf16 on CPUs that run it fast, else float32
+        autocast = autocast_for(bool(cfg.fp16), ctx.device)[0]
+        self.model = build_teacher(kd, autocast, ctx.device, cfg.input_size, bool(cfg.get("channels_last")))
         self.description = f"{kd.teacher_network} from {kd.teacher_weights}"
 
     @property
