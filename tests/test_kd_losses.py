@@ -120,7 +120,7 @@ def loop_rkd(student, teacher, w_d, w_a, normalize):
     return w_d * dist + w_a * angle / len(triplets)
 
 
-def loop_rpsd(student, teacher, labels, bank_feats, bank_labels, k_neg, form, tau_t, tau_s, w_pos, w_neg):
+def loop_rpsd(student, teacher, labels, bank_feats, bank_labels, k_neg, form, tau, w_pos, w_neg):
     """bank_feats/labels: the bank entries in use (valid ones; empty list when the bank is not used)."""
     n = len(student)
     total, n_pos, n_neg = 0, 0, 0
@@ -141,11 +141,11 @@ def loop_rpsd(student, teacher, labels, bank_feats, bank_labels, k_neg, form, ta
         if form == "mse":
             total = total + sum(w * (b - a) ** 2 for a, b, w in mined) / len(mined)
         else:
-            zp = sum(torch.exp(a / tau_t) for a, _, _ in mined)
-            zq = sum(torch.exp(b / tau_s) for _, b, _ in mined)
+            zp = sum(torch.exp(a / tau) for a, _, _ in mined)
+            zq = sum(torch.exp(b / tau) for _, b, _ in mined)
             for a, b, w in mined:
-                p, q = torch.exp(a / tau_t) / zp, torch.exp(b / tau_s) / zq
-                total = total + w * p * torch.log(p / q)
+                p, q = torch.exp(a / tau) / zp, torch.exp(b / tau) / zq
+                total = total + w * (p * torch.log(p / q) - p + q)
     return total / n, n_pos / n, n_neg / n
 
 
@@ -281,11 +281,11 @@ def bank_in_use(loss, min_bank):
 def test_rpsd_golden_value_and_gradient(bank_size, n_enqueue, k_neg, min_bank, form, w_pos, w_neg):
     student, teacher, labels = make_batch()
     loss = filled_rpsd(bank_size, n_enqueue, k_neg=k_neg, min_bank=min_bank, form=form, w_pos=w_pos, w_neg=w_neg,
-                       tau_s=0.05)
+                       tau=0.05)
     bank_feats, bank_labels = bank_in_use(loss, k_neg if min_bank is None else min_bank)
     out, grad = run_loss(loss, student, teacher, labels)
     s = student.clone().requires_grad_(True)
-    ref, n_pos, n_neg = loop_rpsd(s, teacher, labels, bank_feats, bank_labels, k_neg, form, 0.1, 0.05, w_pos, w_neg)
+    ref, n_pos, n_neg = loop_rpsd(s, teacher, labels, bank_feats, bank_labels, k_neg, form, 0.05, w_pos, w_neg)
     ref.backward()
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
     torch.testing.assert_close(grad, s.grad, rtol=1e-8, atol=1e-12)

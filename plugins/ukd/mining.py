@@ -1,8 +1,9 @@
 """Sample mining for the KD losses, as pure functions on tensors (no state, no collectives).
 
 ILED picks hard instances over the global batch; RPSD picks, per anchor, its positive keys and its
-negative keys. Every choice is made from detached values (distances, teacher similarities), so the
-targets of the losses never move with the student's gradient.
+negative keys. Every choice is made from detached values (distances, margins, teacher similarities), so the
+targets of the losses never move with the student's gradient. The collectives that make a choice global
+(gathers, sums over ranks) belong to the losses; these functions see one rank's tensors.
 """
 import math
 
@@ -32,6 +33,26 @@ def hard_mask_std(distance, kappa):
     return distance > mean + kappa * std
 
 
+def kth_largest(values, k):
+    """The k-th largest entry of a 1-D tensor (k >= 1, clipped to its length): the threshold of the top k."""
+    k = min(max(int(k), 1), values.numel())
+    return values.topk(k).values[-1]
+
+
+def target_cosine_on_shard(embeddings, labels, centres, class_start):
+    """[n] cos(e_i, w_{y_i}) for the samples whose class centre lies in this shard (rows
+    [class_start, class_start + len(centres)) of the classifier), 0 for the others: summed over the shards
+    (ranks) it is every sample's target cosine, the margin head's cos(theta_y) before the margin."""
+    local = labels.to(torch.int64) - int(class_start)
+    inside = (local >= 0) & (local < centres.shape[0])
+    out = torch.zeros(labels.shape[0], dtype=embeddings.dtype, device=embeddings.device)
+    if bool(inside.any()):
+        e = torch.nn.functional.normalize(embeddings[inside], dim=1)
+        w = torch.nn.functional.normalize(centres[local[inside]].to(embeddings.dtype), dim=1)
+        out[inside] = (e * w).sum(dim=1)
+    return out
+
+
 def positive_mask(anchor_labels, key_labels, key_valid):
     """[b, N] bool: valid keys that share the anchor's label. Self must already be invalid in key_valid."""
     return key_valid & (anchor_labels[:, None] == key_labels[None, :])
@@ -57,6 +78,19 @@ def top_k_mask(scores, candidates, k):
 def hard_negative_mask(teacher_sim, candidates, k):
     """[b, N] bool: per anchor, the k negatives the TEACHER finds most similar."""
     return top_k_mask(teacher_sim, candidates, k)
+
+
+def critical_negative_mask(teacher_sim, candidates, threshold, k):
+    """[b, N] bool: per anchor, the k negatives whose teacher similarity lies closest to `threshold` (the
+    teacher's decision threshold at a target FAR): the impostor pairs that verification at that FAR decides."""
+    return top_k_mask(-(teacher_sim - threshold).abs(), candidates, k)
+
+
+def impostor_top_values(teacher_sim, candidates, m):
+    """The m largest teacher similarities among the candidate (impostor) pairs, flattened (-inf pads when fewer
+    exist). Every rank's top m, gathered, hold the global top m: the threshold at FAR m / (global impostors)."""
+    flat = teacher_sim.masked_fill(~candidates, float("-inf")).flatten()
+    return flat.topk(min(int(m), flat.numel())).values
 
 
 def hash_uniform(seed, step, rows, n_cols):

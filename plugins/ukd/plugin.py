@@ -59,6 +59,7 @@ class UKDPlugin(Plugin):
         self.teacher = build_teacher_backend(self.kd, cfg, ctx)
         self.composer.to(ctx.device)
         self.composer.check(cfg.batch_size * ctx.world_size, cfg.sampler == "pk")
+        self.composer.bind_training(ctx)
         if ctx.rank == 0:
             log.info(f"UKD: teacher {getattr(self.teacher, 'description', self.kd.teacher_weights)}"
                      f"{', projector ' + str(tuple(self.projector.weight.shape[::-1])) if self.projector is not None else ''}")

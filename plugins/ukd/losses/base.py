@@ -20,6 +20,8 @@ class KDLoss(torch.nn.Module):
       all-gathered (detached) batch.
     - after_step(batch): update state (e.g. a memory bank) after the optimizer step; identical on every rank.
     - check(global_batch_size, pk_sampler): raise ConfigError at start-up for settings that cannot work.
+    - bind_training(ctx): once at start-up with the engine's TrainContext (schedule, loader, cfg), for losses that
+      follow the run's length or need to check the loader; raise ConfigError there.
     - State lives in registered buffers so that state_dict()/load_state_dict() save and restore it.
     """
     name = "kd_loss"
@@ -31,6 +33,9 @@ class KDLoss(torch.nn.Module):
         pass
 
     def check(self, global_batch_size: int, pk_sampler: bool) -> None:
+        pass
+
+    def bind_training(self, ctx) -> None:
         pass
 
     # A loss that works inside the classification head (class centres, margins) sets uses_head = True and

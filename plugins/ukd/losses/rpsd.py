@@ -1,16 +1,25 @@
-"""RPSD: relation-based pairwise similarity distillation over a teacher memory bank (paper.md section 1.3)."""
+"""RPSD: relation-based pairwise similarity distillation over a memory bank with sample mining (method.md 4)."""
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from arcface.engine.distributed import all_gather_nograd, all_reduce_sum
 from arcface.errors import ConfigError
 
 from ..batch import KDBatch, KDOutput
 from ..memory_bank import MemoryBank
-from ..mining import hard_negative_mask, negative_candidates, positive_mask, random_negative_mask
+from ..mining import (critical_negative_mask, hard_negative_mask, impostor_top_values, kth_largest,
+                      negative_candidates, positive_mask, random_negative_mask)
+from ..student_bank import StudentQueue, StudentSlots, missing_index_error
 from .base import KDLoss, compute_dtype, require_same_dim
 from .registry import register_kd_loss
 
 FORMS = ("mse", "kl")
+RELATIONS = ("cross", "student", "both")
+MINING = ("hard", "critical")
+BANK_UPDATES = ("fifo", "momentum")
 _FAR = -1e9  # a finite "minus infinity": masked logits must not turn 0 * inf into NaN gradients
 
 
@@ -48,67 +57,160 @@ def mined_similarities(student, keys, idx, chunk=64, keep_bytes=256 * 2 ** 20):
     return torch.cat(parts, 0) if parts else student.new_zeros(0, idx.shape[1])
 
 
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order; backward sums each row's gradient over the ranks and hands a
+    rank its own rows. A row then receives the gradient of the sum of all ranks' losses, including the pairs in
+    which another rank's anchor uses it as a key."""
+
+    @staticmethod
+    def forward(ctx, rows, world):
+        ctx.world, ctx.rank = world, dist.get_rank()
+        parts = [torch.empty_like(rows) for _ in range(world)]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        n = grad.shape[0] // ctx.world
+        return grad[ctx.rank * n:(ctx.rank + 1) * n], None
+
+
+def gather_rows_with_grad(rows, world_size):
+    return rows if world_size == 1 else _GatherRows.apply(rows, world_size)
+
+
+def relation_loss(form, target, pred, weight, used, count, tau):
+    """Per-anchor loss between target and predicted similarities over the mined slots ([b, M] each).
+
+    mse: sum_j w_j (pred_j - target_j)^2 / |R_i|.
+    kl: sum_j w_j (p_j log(p_j / q_j) - p_j + q_j), p = softmax(target / tau), q = softmax(pred / tau) over R_i:
+        the KL divergence when the weights are equal, and for any positive weights still >= 0 and 0 exactly at
+        pred = target (the plain weighted sum of p log(p/q) is neither once w_pos != w_neg).
+    """
+    if form == "mse":
+        return (weight * (pred - target).pow(2)).sum(dim=1) / count.clamp(min=1)
+    log_p = F.log_softmax((target / tau).masked_fill(~used, _FAR), dim=1)
+    log_q = F.log_softmax((pred / tau).masked_fill(~used, _FAR), dim=1)
+    p, q = log_p.exp(), log_q.exp()
+    return (weight * (p * (log_p - log_q) - p + q)).sum(dim=1)
+
+
 @register_kd_loss("rpsd")
 class RPSDLoss(KDLoss):
-    """Match the student's similarities to teacher keys with the teacher's own, on mined keys.
+    """Match the student's pairwise similarities to the teacher's, on keys mined by the teacher.
 
-    For local anchor i the keys are the valid bank entries plus the all-gathered current teacher batch,
-    minus anchor i itself; a_ij = <t^_i, k_j> (teacher), b_ij = <s^_i, k_j> (student). Mined set
-    R_i = positives (every key with y_j = y_i) + the k_neg other-label keys the teacher finds most similar
-    + k_rand random other-label keys. The teacher's [b, keys] similarities are built for mining; the student's
-    only at the mined keys, in chunks of anchors, so nothing of size [b, keys, d] exists.
+    For local anchor i the keys j are the other samples of the all-gathered batch plus the valid bank entries.
+    Target a_ij = <t^_i, t^_j> (teacher with teacher, no gradient); the student side is, by `relation`:
+
+        'cross'   b_ij = <s^_i, t^_j>: the student against the teacher's keys. Since b_ij - a_ij =
+                  <s^_i - t^_i, t^_j>, this is an instance loss (minimum at s^_i = t^_i), not a relation.
+        'student' c_ij = <s^_i, s^_j>: student with student, so any student space with the teacher's geometry
+                  (a rotation of it, say) is a minimum. In-batch keys carry gradient at both ends; bank keys are
+                  the student's stale, detached embeddings kept beside each teacher key.
+        'both'    the mean of the two per-anchor losses.
+
+    Mined set R_i = positives (every key with y_j = y_i) + k_neg negatives + k_rand random negatives, chosen from
+    teacher similarities only: the hardest (mining='hard') or those closest to the teacher's threshold at
+    `far` (mining='critical', the pairs that decide verification at that FAR). The teacher's [b, keys]
+    similarities are built for mining; the student's only at the mined keys.
 
     Parameters (config keys):
-        bank: memory bank slots of teacher embeddings (16384); must be >= the global batch size.
-        k_neg: hard negatives per anchor, ranked by teacher similarity (256).
+        bank: memory bank slots (16384); 0 = in-batch keys only. 'fifo': >= the global batch; 'momentum': >= the
+              number of training samples.
+        k_neg: mined negatives per anchor (256).
         k_rand: random extra negatives per anchor, fixed by (seed, step, anchor) (0).
-        form: 'mse' = mean over R_i of w_j (b_ij - a_ij)^2, then mean over anchors (default);
-              'kl' = sum over R_i of w_j p_j log(p_j / q_j), p = softmax(a / tau_t), q = softmax(b / tau_s)
-              over R_i (no tau^2 factor; equal weights give the plain KL).
-        tau_t: 'kl' teacher temperature (0.1).
-        tau_s: 'kl' student temperature (0.02).
+        form: 'mse' = mean over R_i of w_j (pred - target)^2, then mean over anchors (default);
+              'kl' = the KL between softmax(target / tau) and softmax(pred / tau) over R_i (one temperature on
+              both sides, so the minimum is the teacher's relations; see relation_loss for the weights).
+        relation: 'cross' (default), 'student' or 'both', as above.
+        mining: 'hard' (default) or 'critical'.
+        far: mining='critical': the false accept rate whose teacher threshold the negatives are mined around
+             (None = 1e-4); the threshold is the teacher similarity exceeded by that fraction of the global
+             batch's impostor pairs (anchor x other-label key).
+        far_momentum: mining='critical': EMA momentum of that threshold over steps (None = 0.9; 0 = this batch's).
+        bank_update: how the bank keeps its entries: 'fifo' (default; a queue of the newest samples) or
+                     'momentum' (one slot per training sample by dataset index, moved with bank_momentum; needs a
+                     loader that returns sample indices). With relation 'student'/'both' either bank also holds
+                     the student's embedding of each entry.
+        bank_momentum: bank_update='momentum': weight of the old entry when a sample is seen again (None = 0.5).
+        tau: 'kl' temperature of both sides (0.1).
         w_pos: weight of positive keys (1.0).
-        w_neg: weight of negative keys, hard and random (1.0).
+        w_neg: weight of negative keys, mined and random (1.0).
         min_bank: valid bank entries needed before the bank is used; before that, in-batch keys only
                   (None = k_neg).
         fp16: store the bank in float16 (False).
         seed: seed of the random negatives (0).
         require_positives: refuse to start without a P x K sampler when w_pos > 0 (True).
 
-    Distributed: the bank is filled in after_step with the all-gathered global batch (identical on every
-    rank); each rank returns the mean over its local anchors, whose DDP average is the global mean.
-    Statistics: pos_per_anchor, neg_per_anchor, bank_fill, sim_gap (mean |b - a| over mined keys).
+    Distributed: mining over the all-gathered detached batch; the critical threshold over the global batch's
+    impostor pairs. With relation 'student' the student embeddings are gathered with a gradient-carrying gather
+    whose backward sums every row's gradient over ranks, and each rank returns the mean over its local anchors:
+    the sum over ranks of what a row receives is world_size times its global-batch gradient, which DDP's average
+    divides back. The bank is filled in after_step from the all-gathered batch, identical on every rank.
+    Statistics: pos_per_anchor, neg_per_anchor, bank_fill, sim_gap (cross: mean |b - a| over mined keys),
+    rel_gap (student: mean |c - a|), threshold (critical mining).
     """
 
-    def __init__(self, bank=16384, k_neg=256, k_rand=0, form="mse", tau_t=0.1, tau_s=0.02, w_pos=1.0,
-                 w_neg=1.0, min_bank=None, fp16=False, seed=0, require_positives=True):
+    def __init__(self, bank=16384, k_neg=256, k_rand=0, form="mse", relation="cross", mining="hard", far=None,
+                 far_momentum=None, bank_update="fifo", bank_momentum=None, tau=0.1, w_pos=1.0, w_neg=1.0,
+                 min_bank=None, fp16=False, seed=0, require_positives=True):
         super().__init__()
         where = "KD loss 'rpsd'"
-        if form not in FORMS:
-            raise ConfigError(f"{where}: form must be one of {FORMS}, got {form!r}")
-        if int(bank) <= 0:
-            raise ConfigError(f"{where}: bank must be a positive number of slots, got {bank}")
+        for key, value, allowed in (("form", form, FORMS), ("relation", relation, RELATIONS),
+                                    ("mining", mining, MINING), ("bank_update", bank_update, BANK_UPDATES)):
+            if value not in allowed:
+                raise ConfigError(f"{where}: {key} must be one of {allowed}, got {value!r}")
+        if int(bank) < 0:
+            raise ConfigError(f"{where}: bank must be a number of slots >= 0 (0: in-batch keys only), got {bank}")
         for key, value in (("k_neg", k_neg), ("k_rand", k_rand)):
             if int(value) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {value}")
-        for key, value in (("tau_t", tau_t), ("tau_s", tau_s)):
-            if float(value) <= 0:
-                raise ConfigError(f"{where}: {key} must be > 0, got {value}")
+        if float(tau) <= 0:
+            raise ConfigError(f"{where}: tau must be > 0, got {tau}")
         for key, value in (("w_pos", w_pos), ("w_neg", w_neg)):
             if float(value) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {value}")
+        if mining != "critical" and (far is not None or far_momentum is not None):
+            raise ConfigError(f"{where}: far / far_momentum choose the threshold of mining='critical'; with "
+                              f"mining={mining!r} they would do nothing")
+        if bank_update != "momentum" and bank_momentum is not None:
+            raise ConfigError(f"{where}: bank_momentum applies to bank_update='momentum' only")
+        far = 1e-4 if far is None else float(far)
+        far_momentum = 0.9 if far_momentum is None else float(far_momentum)
+        bank_momentum = 0.5 if bank_momentum is None else float(bank_momentum)
+        if not 0.0 < far < 1.0:
+            raise ConfigError(f"{where}: far must be in (0, 1), got {far}")
+        for key, value in (("far_momentum", far_momentum), ("bank_momentum", bank_momentum)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{where}: {key} must be in [0, 1), got {value}")
         min_bank = int(k_neg) if min_bank is None else int(min_bank)
-        if min_bank > int(bank):
+        if int(bank) > 0 and min_bank > int(bank):
             raise ConfigError(f"{where}: min_bank={min_bank} exceeds bank={bank}, so the bank would never be "
                               f"used; lower min_bank (or k_neg) or raise bank")
         self.bank_size, self.k_neg, self.k_rand = int(bank), int(k_neg), int(k_rand)
-        self.form, self.tau_t, self.tau_s = form, float(tau_t), float(tau_s)
+        self.form, self.relation, self.mining, self.tau = form, relation, mining, float(tau)
+        self.far, self.far_momentum = far, far_momentum
+        self.bank_update = bank_update
         self.w_pos, self.w_neg, self.min_bank = float(w_pos), float(w_neg), min_bank
         self.seed, self.require_positives = int(seed), bool(require_positives)
-        self.bank = MemoryBank(self.bank_size, fp16=fp16)
+        self.uses_student_keys = relation in ("student", "both")
+        if self.bank_size == 0:
+            self.bank = None
+        elif bank_update == "momentum":
+            self.bank = StudentSlots(self.bank_size, momentum=bank_momentum, fp16=fp16)
+        elif self.uses_student_keys:
+            self.bank = StudentQueue(self.bank_size, fp16=fp16)
+        else:
+            self.bank = MemoryBank(self.bank_size, fp16=fp16)
+        if mining == "critical":
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64))
 
+    # ---- start-up checks ----------------------------------------------------------------------------------
     def check(self, global_batch_size, pk_sampler):
-        if self.bank_size < global_batch_size:
+        if self.bank_update == "fifo" and 0 < self.bank_size < global_batch_size:
             raise ConfigError(f"KD loss 'rpsd': bank={self.bank_size} is smaller than the global batch "
                               f"({global_batch_size}): one enqueue would overwrite itself; raise bank to at least "
                               f"{global_batch_size}")
@@ -117,32 +219,106 @@ class RPSDLoss(KDLoss):
                               "random sampler almost never puts two images of one identity in a batch: use the "
                               "P x K sampler (cfg.sampler='pk'), or set require_positives=False (or w_pos=0)")
 
+    def bind_training(self, ctx):
+        if not isinstance(self.bank, StudentSlots):
+            return
+        cfg = ctx.cfg
+        if cfg.get("dali") or cfg.get("dali_aug"):
+            raise ConfigError("KD loss 'rpsd': bank_update='momentum' keeps one slot per dataset index, but the "
+                              "DALI loader (dali=True) does not return sample indices; set dali=False or use "
+                              "bank_update='fifo'")
+        samples = getattr(ctx.train_loader, "num_samples", None)
+        if isinstance(samples, int) and samples > self.bank_size:
+            raise ConfigError(f"KD loss 'rpsd': bank_update='momentum' needs one slot per training sample, but "
+                              f"bank={self.bank_size} < {samples} training images; set bank to at least {samples} "
+                              f"(or use bank_update='fifo')")
+
+    # ---- keys -----------------------------------------------------------------------------------------
+    def _bank_in_use(self):
+        return self.bank is not None and self.bank.dim is not None and \
+            self.bank.num_valid() >= max(self.min_bank, 1)
+
     def _keys(self, batch, dtype):
-        """Teacher keys [N, d], their labels [N] and validity [b, N] for the local anchors (self excluded)."""
+        """Teacher keys [N, d] (the gathered batch first, then the bank), their labels [N], the validity [b, N]
+        for the local anchors (self excluded) and whether the bank is in use."""
         keys = F.normalize(batch.gathered_teacher().to(dtype), dim=1)
         labels = batch.gathered_labels()
         n_batch = keys.shape[0]
         anchors = torch.arange(batch.local_size, device=keys.device) + batch.offset
         valid = torch.arange(n_batch, device=keys.device)[None, :] != anchors[:, None]
-        bank_used = self.bank.dim is not None and self.bank.num_valid() >= max(self.min_bank, 1)
+        bank_used = self._bank_in_use()
         if bank_used:
+            bank_valid = self.bank.valid
+            if self.bank.uses_index:
+                # the current samples' own slots hold older views of them; their live versions are in-batch keys
+                bank_valid = bank_valid & ~self._slots_of_batch(batch)
             keys = torch.cat([keys, self.bank.feats.to(dtype)], dim=0)
             labels = torch.cat([labels, self.bank.labels.to(labels.device)], dim=0)
-            valid = torch.cat([valid, self.bank.valid[None, :].expand(batch.local_size, -1)], dim=1)
-        return keys, labels, valid, anchors
+            valid = torch.cat([valid, bank_valid[None, :].expand(batch.local_size, -1)], dim=1)
+        return keys, labels, valid, anchors, bank_used
+
+    def _slots_of_batch(self, batch):
+        if batch.index is None:
+            raise missing_index_error()
+        index = all_gather_nograd(batch.index.to(torch.int64)) if batch.world_size > 1 else batch.index
+        mask = torch.zeros(self.bank.size, dtype=torch.bool, device=self.bank.valid.device)
+        index = index.to(mask.device)
+        mask[index[(index >= 0) & (index < self.bank.size)]] = True
+        return mask
+
+    # ---- critical mining ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _far_threshold(self, a, candidates, batch):
+        """The teacher's similarity threshold at `far` over the global batch's impostor pairs, smoothed over
+        steps with far_momentum; the same value on every rank."""
+        count = candidates.sum().to(torch.float64).reshape(1)
+        if batch.world_size > 1:
+            all_reduce_sum(count)
+        if float(count) == 0:
+            return self.threshold.to(a.dtype)
+        m = max(1, math.ceil(round(self.far * float(count), 9)))
+        top = impostor_top_values(a, candidates, m)
+        if batch.world_size > 1:
+            top = all_gather_nograd(top)
+        value = kth_largest(top, m).to(torch.float64)
+        if int(self.threshold_steps) > 0:
+            value = self.far_momentum * self.threshold + (1.0 - self.far_momentum) * value
+        self.threshold.copy_(value)
+        self.threshold_steps += 1
+        return self.threshold.to(a.dtype)
+
+    # ---- the loss -------------------------------------------------------------------------------------
+    def _student_key_similarities(self, student, batch, idx, n_batch, bank_used, dtype):
+        """c_ij = <s^_i, s^_j> at the mined keys: in-batch keys from the gradient-carrying gather of the
+        student batch, bank keys from the bank's stale student entries."""
+        gathered = gather_rows_with_grad(student, batch.world_size)
+        anchors = gathered[batch.offset:batch.offset + batch.local_size]
+        in_batch = idx < n_batch
+        c = (anchors @ gathered.t()).gather(1, idx.clamp(max=n_batch - 1))
+        if bank_used and bool((~in_batch).any()):
+            from_bank = mined_similarities(anchors, self.bank.student.to(dtype), (idx - n_batch).clamp(min=0))
+            c = torch.where(in_batch, c, from_bank)
+        return c
 
     def forward(self, batch: KDBatch) -> KDOutput:
         require_same_dim(batch, self.name)
         dtype = compute_dtype(batch.student)
         student = F.normalize(batch.student.to(dtype), dim=1)
         teacher = F.normalize(batch.teacher.detach().to(dtype), dim=1)
-        keys, key_labels, valid, anchors = self._keys(batch, dtype)
+        keys, key_labels, valid, anchors, bank_used = self._keys(batch, dtype)
+        n_batch = batch.global_size
 
         a = teacher @ keys.t()                                  # [b, N], no gradient: mining needs every key
+        stats = {}
         with torch.no_grad():
             pos = positive_mask(batch.labels, key_labels, valid)
             cand = negative_candidates(batch.labels, key_labels, valid)
-            neg = hard_negative_mask(a, cand, self.k_neg)
+            if self.mining == "hard":
+                neg = hard_negative_mask(a, cand, self.k_neg)
+            else:
+                threshold = self._far_threshold(a, cand, batch)
+                neg = critical_negative_mask(a, cand, threshold, self.k_neg)
+                stats["threshold"] = float(threshold)
             if self.k_rand > 0:
                 neg |= random_negative_mask(cand & ~neg, self.k_rand, self.seed, batch.step, anchors)
             mined = pos | neg
@@ -152,28 +328,38 @@ class RPSDLoss(KDLoss):
             idx, used = mined_indices(mined, count)         # [b, M]: the mined keys of each anchor, padded
             a_sel = a.gather(1, idx)
             w_sel = weight.gather(1, idx) * used
-        # The student's similarities are needed at the mined keys only (k_neg + positives of N): computing
-        # them there instead of as a full [b, N] product cuts RPSD's cost by about two thirds.
-        b_sel = mined_similarities(student, keys, idx)
 
-        diff = b_sel - a_sel
-        if self.form == "mse":
-            per_anchor = (w_sel * diff.pow(2)).sum(dim=1) / count.clamp(min=1)
-        else:
-            log_p = F.log_softmax((a_sel / self.tau_t).masked_fill(~used, _FAR), dim=1)
-            log_q = F.log_softmax((b_sel / self.tau_s).masked_fill(~used, _FAR), dim=1)
-            per_anchor = (w_sel * log_p.exp() * (log_p - log_q)).sum(dim=1)
+        parts = []
+        n_used = max(int(count.sum()), 1)
+        if self.relation in ("cross", "both"):
+            # the student's similarities at the mined keys only, not as a full [b, N] product
+            b_sel = mined_similarities(student, keys, idx)
+            parts.append(relation_loss(self.form, a_sel, b_sel, w_sel, used, count, self.tau))
+            stats["sim_gap"] = float((b_sel.detach() - a_sel).abs().masked_fill_(~used, 0).sum()) / n_used
+        if self.uses_student_keys:
+            c_sel = self._student_key_similarities(student, batch, idx, n_batch, bank_used, dtype)
+            parts.append(relation_loss(self.form, a_sel, c_sel, w_sel, used, count, self.tau))
+            stats["rel_gap"] = float((c_sel.detach() - a_sel).abs().masked_fill_(~used, 0).sum()) / n_used
+        per_anchor = parts[0] if len(parts) == 1 else 0.5 * (parts[0] + parts[1])
         loss = per_anchor.mean()
 
-        with torch.no_grad():
-            stats = {
-                "pos_per_anchor": float(n_pos.sum()) / batch.local_size,
-                "neg_per_anchor": float(n_neg.sum()) / batch.local_size,
-                "bank_fill": self.bank.fill(),
-                "sim_gap": float(diff.detach().abs().masked_fill_(~used, 0).sum()) / max(int(count.sum()), 1),
-            }
+        stats.update({
+            "pos_per_anchor": float(n_pos.sum()) / batch.local_size,
+            "neg_per_anchor": float(n_neg.sum()) / batch.local_size,
+            "bank_fill": self.bank.fill() if self.bank is not None else 0.0,
+        })
         return KDOutput(loss=loss, stats=stats)
 
     @torch.no_grad()
     def after_step(self, batch: KDBatch) -> None:
-        self.bank.enqueue(batch.gathered_teacher(), batch.gathered_labels())
+        if self.bank is None:
+            return
+        if isinstance(self.bank, MemoryBank) and not isinstance(self.bank, StudentQueue):
+            self.bank.enqueue(batch.gathered_teacher(), batch.gathered_labels())
+            return
+        student = batch.student.detach().float()
+        index = batch.index
+        if batch.world_size > 1:
+            student = all_gather_nograd(student)
+            index = all_gather_nograd(index.to(torch.int64)) if index is not None else None
+        self.bank.update(batch.gathered_teacher(), student, batch.gathered_labels(), index)
