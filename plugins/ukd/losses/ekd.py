@@ -17,6 +17,15 @@ SELECTIONS = ("critical", "hard")
 TFACE_FPRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
+def select_pairs(s_pair, t_pair, same, s_thresholds, t_thresholds, selection, k_neg):
+    """(positive, negative) masks over the pairs: see EKDLoss for the two rules."""
+    if selection == "hard":
+        pos, neg_pool = same, ~same
+    else:
+        pos, neg_pool = critical_pairs(same, accept_counts(s_pair, s_thresholds), accept_counts(t_pair, t_thresholds))
+    return pos, keep_top_k(s_pair, neg_pool, k_neg)
+
+
 @register_kd_loss("ekd")
 class EKDLoss(KDLoss):
     """Match, on the pairs that decide verification, how many operating points accept the pair.
@@ -50,9 +59,11 @@ class EKDLoss(KDLoss):
     that counts every pair twice in value and once in gradient, so each rank returns
     world_size * (half that sum in value, the whole sum in gradient): the mean over ranks is L and DDP's
     average of gradients is the gradient of L.
+    Relational: student and teacher embeddings may differ in size (no projector needed).
     Statistics: pos_pairs, neg_pairs (selected, global), rank_gap (mean |r_s - r_t| over them), t_threshold and
     s_threshold at the first target FPR.
     """
+    compares_instances = False   # similarities only: the student may have another embedding size
 
     def __init__(self, fprs=TFACE_FPRS, tau=0.01, momentum=0.01, selection="critical", k_neg=2000, w_pos=0.02,
                  w_neg=0.01):
@@ -113,11 +124,7 @@ class EKDLoss(KDLoss):
             t_pair = (t_all @ t_all.t())[first, second]
             self._follow_thresholds(s_pair[~same], t_pair[~same])
             s_thr, t_thr = self.s_thresholds.to(dtype), self.t_thresholds.to(dtype)
-            if self.selection == "hard":
-                pos, neg_pool = same, ~same
-            else:
-                pos, neg_pool = critical_pairs(same, accept_counts(s_pair, s_thr), accept_counts(t_pair, t_thr))
-            neg = keep_top_k(s_pair, neg_pool, self.k_neg)
+            pos, neg = select_pairs(s_pair, t_pair, same, s_thr, t_thr, self.selection, self.k_neg)
             n_pos, n_neg = int(pos.sum()), int(neg.sum())
             coef = torch.zeros_like(s_pair)
             if n_pos:

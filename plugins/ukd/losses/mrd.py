@@ -13,6 +13,17 @@ FORMS = ("mse", "kl")
 _FAR = -1e9  # a finite "minus infinity" for masked logits (0 * inf would turn gradients into NaN)
 
 
+def informative_relations(teacher_rows, labels, anchors, k_neg, positives):
+    """(positive, negative) [b, N] masks of the relations mined for anchors (their positions in the batch):
+    teacher_rows [b, N] the anchors' teacher similarities to every sample, labels [N] the batch's labels."""
+    columns = torch.arange(labels.shape[0], device=labels.device)
+    not_self = columns[None, :] != anchors[:, None]
+    same = labels[anchors][:, None] == labels[None, :]
+    neg = per_row_top_k(teacher_rows, not_self & ~same, k_neg)
+    pos = not_self & same if positives else torch.zeros_like(neg)
+    return pos, neg
+
+
 @register_kd_loss("mrd")
 class MRDLoss(KDLoss):
     """Distil the relations between a sample and the teacher features of other samples, on informative ones.
@@ -67,14 +78,9 @@ class MRDLoss(KDLoss):
         student = F.normalize(batch.student.to(dtype), dim=1)
         keys = F.normalize(batch.gathered_teacher().to(dtype), dim=1)
         with torch.no_grad():
-            labels = batch.gathered_labels()
-            mine = slice(batch.offset, batch.offset + batch.local_size)
-            r_t = (keys @ keys.t())[mine]                        # rows of the full product: same on every rank
-            columns = torch.arange(keys.shape[0], device=keys.device)
-            not_self = columns[None, :] != columns[mine, None]
-            same = labels[mine, None] == labels[None, :]
-            neg = per_row_top_k(r_t, not_self & ~same, self.k_neg)
-            pos = not_self & same if self.positives else torch.zeros_like(neg)
+            anchors = torch.arange(batch.local_size, device=keys.device) + batch.offset
+            r_t = (keys @ keys.t())[anchors]                     # rows of the full product: same on every rank
+            pos, neg = informative_relations(r_t, batch.gathered_labels(), anchors, self.k_neg, self.positives)
             mined = pos | neg
             count = mined.sum(dim=1)
         r_s = student @ keys.t()
