@@ -20,7 +20,12 @@ from plugins.ukd.composer import KDComposer
 from plugins.ukd.losses.adadistill import follow_teacher, occurrence_rank
 from plugins.ukd.losses.ekd import select_pairs
 from plugins.ukd.losses.mrd import informative_relations
-from plugins.ukd.pair_mining import accept_counts, fpr_thresholds, keep_top_k, upper_pairs
+from plugins.ukd.pair_mining import (
+    accept_counts,
+    fpr_thresholds,
+    keep_top_k,
+    upper_pairs,
+)
 
 DT = torch.float64
 LABELS = [0, 0, 1, 1, 2, 2, 3, 4]
@@ -179,11 +184,11 @@ def loop_cosface_ce(student, centres, labels, s, m):
 # ---------------------------------------------------------------- ekd
 
 EKD_CASES = {
-    "critical": dict(fprs=[0.3, 0.1, 0.05], tau=0.05, momentum=0.3, selection="critical", k_neg=6,
-                     w_pos=0.02, w_neg=0.01),
-    "hard": dict(fprs=[0.2, 0.04], tau=0.1, momentum=0.01, selection="hard", k_neg=5, w_pos=2.0, w_neg=1.0),
-    "critical_all_negatives": dict(fprs=[0.5, 0.2, 0.1, 0.05], tau=0.2, momentum=0.5, selection="critical",
-                                   k_neg=None, w_pos=1.0, w_neg=1.0),
+    "critical": {"fprs": [0.3, 0.1, 0.05], "tau": 0.05, "momentum": 0.3, "selection": "critical", "k_neg": 6,
+                     "w_pos": 0.02, "w_neg": 0.01},
+    "hard": {"fprs": [0.2, 0.04], "tau": 0.1, "momentum": 0.01, "selection": "hard", "k_neg": 5, "w_pos": 2.0, "w_neg": 1.0},
+    "critical_all_negatives": {"fprs": [0.5, 0.2, 0.1, 0.05], "tau": 0.2, "momentum": 0.5, "selection": "critical",
+                                   "k_neg": None, "w_pos": 1.0, "w_neg": 1.0},
 }
 
 
@@ -283,10 +288,10 @@ def test_ekd_thresholds_are_saved_and_restored():
 # ---------------------------------------------------------------- mrd
 
 MRD_CASES = {
-    "mse": dict(k_neg=3, positives=True, form="mse", tau=0.05),
-    "kl": dict(k_neg=4, positives=True, form="kl", tau=0.2),
-    "negatives_only": dict(k_neg=2, positives=False, form="mse", tau=0.05),
-    "kl_all_negatives": dict(k_neg=100, positives=False, form="kl", tau=0.5),
+    "mse": {"k_neg": 3, "positives": True, "form": "mse", "tau": 0.05},
+    "kl": {"k_neg": 4, "positives": True, "form": "kl", "tau": 0.2},
+    "negatives_only": {"k_neg": 2, "positives": False, "form": "mse", "tau": 0.05},
+    "kl_all_negatives": {"k_neg": 100, "positives": False, "form": "kl", "tau": 0.5},
 }
 
 
@@ -424,7 +429,7 @@ def test_head_losses_accept_only_weight_one(name, params):
 def test_adadistill_refuses_a_projector_and_other_sizes():
     loss = build_kd_loss("adadistill")
     loss.configure_head(head(dim=16))
-    for kd in (dict(teacher_embedding_size=32), dict(projector="linear")):
+    for kd in ({"teacher_embedding_size": 32}, {"projector": "linear"}):
         ctx = types.SimpleNamespace(cfg=kd_cfg({"adadistill": {"weight": 1.0}}, **kd))
         with pytest.raises(ConfigError, match="embedding_size == kd.teacher_embedding_size and no projector"):
             loss.bind_training(ctx)
@@ -540,10 +545,10 @@ def cached_world(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(get_model("r18", num_features=DIM, input_size=SIZE, width=0.25).state_dict(), tmp / "teacher.pt")
     cfg = base_config()
-    cfg.update(dict(rec=str(tmp / "rec"), num_classes=5, network="mbf", embedding_size=DIM, input_size=SIZE,
-                    network_kwargs={"width": 0.25}, batch_size=4, num_workers=0, device="cpu", fp16=False,
-                    val_targets=[], output=str(tmp / "out"), num_epoch=1, warmup_epoch=0, frequent=2,
-                    tensorboard=False, seed=7, lr=0.01))
+    cfg.update({"rec": str(tmp / "rec"), "num_classes": 5, "network": "mbf", "embedding_size": DIM, "input_size": SIZE,
+                    "network_kwargs": {"width": 0.25}, "batch_size": 4, "num_workers": 0, "device": "cpu", "fp16": False,
+                    "val_targets": [], "output": str(tmp / "out"), "num_epoch": 1, "warmup_epoch": 0, "frequent": 2,
+                    "tensorboard": False, "seed": 7, "lr": 0.01})
     cfg.kd = edict(enabled=True, teacher_network="r18", teacher_weights=str(tmp / "teacher.pt"),
                    teacher_embedding_size=DIM, teacher_network_kwargs={"width": 0.25}, teacher_check=False,
                    teacher_cache=str(tmp / "teacher.tcache"), losses={"fc": {"weight": 1.0}})
@@ -614,9 +619,10 @@ def test_proxyless_cache_refusals(cached_world, tmp_path):
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     """A tiny teacher trained by the engine: its model.pt and its sharded head (checkpoint_gpu_0.pt)."""
-    from arcface.engine.trainer import train
     from engine_utils import TensorLoader, make_data
     from test_trainer import tiny_cfg
+
+    from arcface.engine.trainer import train
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("sota_teacher")
     images, labels = make_data()
@@ -632,17 +638,19 @@ def kd_section(teacher_dir, losses):
 
 
 def test_adadistill_engine_run_follows_the_teacher_and_resumes_exactly(tmp_path, teacher_run):
-    from arcface.backbones import get_model
-    from arcface.engine.trainer import train
     from engine_utils import CrashAfter, TensorLoader, make_data
     from test_trainer import tiny_cfg
+
+    from arcface.backbones import get_model
+    from arcface.engine.trainer import train
     images, labels = make_data()
     losses = {"adadistill": {"weight": 1.0}}
     full = tiny_cfg(tmp_path / "full", num_epoch=2, kd=kd_section(teacher_run, losses))
     trainer = train(full, TensorLoader(images, labels, 8))
     centres = trainer.pfc.weight.detach()
     assert not trainer.pfc.weight.requires_grad and trainer.head_hooks
-    log = open(os.path.join(full.output, "training.log")).read()
+    with open(os.path.join(full.output, "training.log")) as f:
+        log = f.read()
     assert "kd/adadistill/alpha" in log and "adadistill(hard_weighting=True)" in log
     # every centre ends nearest to its own identity's mean teacher embedding
     teacher = get_model("r18", num_features=16, input_size=16, width=0.25)
@@ -665,9 +673,10 @@ def test_adadistill_engine_run_follows_the_teacher_and_resumes_exactly(tmp_path,
 
 
 def test_proxyless_engine_run_trains_against_the_frozen_teacher_head(tmp_path, teacher_run):
-    from arcface.engine.trainer import train
     from engine_utils import TensorLoader, make_data
     from test_trainer import tiny_cfg
+
+    from arcface.engine.trainer import train
     images, labels = make_data()
     teacher_head = torch.load(os.path.join(teacher_run, "checkpoint_gpu_0.pt"),
                               weights_only=False)["state_dict_softmax_fc"]["weight"]

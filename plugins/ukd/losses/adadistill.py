@@ -6,7 +6,12 @@ from arcface.engine.distributed import all_gather_nograd
 from arcface.errors import ConfigError
 
 from ..batch import KDBatch, KDOutput
-from ..head_terms import no_term, require_head, require_no_projector, require_unit_weight
+from ..head_terms import (
+    no_term,
+    require_head,
+    require_no_projector,
+    require_unit_weight,
+)
 from .base import KDLoss
 from .registry import register_kd_loss
 

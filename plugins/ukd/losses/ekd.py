@@ -8,8 +8,14 @@ from arcface.engine.distributed import all_gather_nograd
 from arcface.errors import ConfigError
 
 from ..batch import KDBatch, KDOutput
-from ..pair_mining import (accept_counts, critical_pairs, fpr_thresholds, keep_top_k, soft_accept_counts,
-                           upper_pairs)
+from ..pair_mining import (
+    accept_counts,
+    critical_pairs,
+    fpr_thresholds,
+    keep_top_k,
+    soft_accept_counts,
+    upper_pairs,
+)
 from .base import KDLoss, compute_dtype
 from .registry import register_kd_loss
 
