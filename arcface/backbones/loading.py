@@ -2,18 +2,23 @@
 
 Accepted: `model.pt` / `backbone.pth` (a plain state dict, what arcface_torch writes and the model zoo
 ships), a training checkpoint holding `state_dict_backbone` (`checkpoint_gpu_<rank>.pt`, ours and
-upstream's), or an in-memory state dict. Keys saved through DistributedDataParallel (`module.`) or
+upstream's; ours carries numpy RNG states, read with numpy's array rebuilders allowed and nothing else), or
+an in-memory state dict. Files are read with torch.load(weights_only=True): a weights file never runs code. Keys saved through DistributedDataParallel (`module.`) or
 torch.compile (`_orig_mod.`) are accepted. A missing file, a file that is not a PyTorch checkpoint,
 missing / unexpected keys or a shape mismatch raise CheckpointError naming the file and the network.
 """
+import logging
 import os
 import pickle
+import zipfile
 from collections import namedtuple
 from collections.abc import Mapping
 
 import torch
 
 from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 5  # keys listed per kind of problem; the rest are counted
@@ -89,10 +94,7 @@ def _read(path_or_state_dict, what):
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{what} weights file {path} holds pickled Python objects, not just tensors, so it is not loaded "
-            f"(a whole nn.Module saved with torch.save(model)?). If you trust it, load it yourself with "
-            f"torch.load(..., weights_only=False) and pass its state_dict(). ({_gist(err)})") from err
+        loaded = _read_with_numpy_arrays(path, what, err)
     except Exception as err:  # truncated or corrupt files: RuntimeError, EOFError, ...
         raise CheckpointError(f"{what} weights file {path} is not a readable PyTorch checkpoint "
                               f"({type(err).__name__}: {_gist(err)})") from err
@@ -100,6 +102,79 @@ def _read(path_or_state_dict, what):
         raise CheckpointError(f"{what} weights file {path} holds a {type(loaded).__name__}, "
                               f"expected a state dict or a dict with 'state_dict_backbone'")
     return path, loaded
+
+
+def _read_with_numpy_arrays(path, what, err):
+    """A file that weights_only refused: when the only other objects in it are numpy arrays (the RNG states of
+    our checkpoint_gpu_<rank>.pt), read it with numpy's array rebuilders allowed as well - data, not code - so a
+    training checkpoint gives its state_dict_backbone; anything else is refused with what it is and what to use."""
+    unsafe = _unsafe_globals(path)
+    allowed = _numpy_array_globals(unsafe) if unsafe else None
+    if allowed is not None:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as again:
+            raise CheckpointError(f"{what} weights file {path} is not a readable PyTorch checkpoint "
+                                  f"({type(again).__name__}: {_gist(again)})") from again
+        if isinstance(loaded, Mapping) and "state_dict_backbone" in loaded:
+            log.info("%s weights: the backbone of the training checkpoint %s (state_dict_backbone)", what, path)
+        return loaded
+    objects = f" ({', '.join(unsafe)})" if unsafe else f" ({_gist(err)})"
+    if _names_backbone_key(path):
+        raise CheckpointError(
+            f"{what} weights file {path} is a training checkpoint (checkpoint_gpu_<rank>.pt): the weights wanted are "
+            f"its state_dict_backbone, which the run also wrote as model.pt next to it - give that file. This one "
+            f"holds Python objects besides tensors and numpy arrays{objects}, which are not unpickled because that "
+            f"could run code; if you trust it, torch.load(path, weights_only=False)['state_dict_backbone'] gives "
+            f"the same weights") from err
+    raise CheckpointError(
+        f"{what} weights file {path} holds pickled Python objects, not just tensors, so it is not loaded "
+        f"(a whole nn.Module saved with torch.save(model)?). If you trust it, load it yourself with "
+        f"torch.load(..., weights_only=False) and pass its state_dict().{objects}") from err
+
+
+def _unsafe_globals(path):
+    """Dotted names of the globals weights_only refuses in a zip-format file, or None when that is unknown."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None or not zipfile.is_zipfile(path):
+        return None
+    try:
+        return sorted(finder(path))
+    except Exception:
+        return None
+
+
+def _numpy_array_globals(names):
+    """The objects behind `names` when every one is part of pickled numpy arrays of plain numbers, else None."""
+    import numpy as np
+
+    rebuilders = {"numpy.core.multiarray._reconstruct": np.empty(0).__reduce__()[0],
+                  "numpy._core.multiarray._reconstruct": np.empty(0).__reduce__()[0],
+                  "numpy.core.multiarray.scalar": np.float64(0).__reduce__()[0],
+                  "numpy._core.multiarray.scalar": np.float64(0).__reduce__()[0],
+                  "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    # a dtype is rebuilt as an instance of its class (numpy.dtypes.UInt32DType, ...), which the scan for globals
+    # does not list: every plain-number dtype class comes with numpy.dtype (no object, void or datetime dtypes)
+    numeric = {f"numpy.dtypes.{type(np.dtype(c)).__name__}": type(np.dtype(c)) for c in np.typecodes["All"]
+               if c not in "OVMm"}
+    if any(name not in rebuilders and name not in numeric for name in names):
+        return None
+    return [rebuilders.get(name) or numeric[name] for name in names] + list(numeric.values())
+
+
+def _names_backbone_key(path, limit=1 << 24):
+    """Whether the file's pickle holds the string 'state_dict_backbone' (read as bytes, nothing unpickled)."""
+    needle = b"state_dict_backbone"
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                return name is not None and needle in archive.read(name)[:limit]
+        with open(path, "rb") as handle:
+            return needle in handle.read(limit)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _looks_like_torch_save(path):

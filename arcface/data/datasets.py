@@ -126,7 +126,8 @@ class RecordDataset(_FaceDataset):
     def __init__(self, root_dir, input_size=112, flip=True, return_index=False, skip_bad_records=False,
                  num_classes=None, seed=0, layout=None):
         super().__init__(input_size, flip, return_index, skip_bad_records, seed)
-        self.layout = layout if layout is not None else read_layout(root_dir, num_classes)
+        self.layout = layout if layout is not None else read_layout(root_dir, num_classes,
+                                                                    skip_bad_records=skip_bad_records)
         if layout is not None:
             self.layout.check_num_classes(num_classes)
         self.rec_path = self.layout.rec_path
@@ -138,13 +139,27 @@ class RecordDataset(_FaceDataset):
     def __len__(self):
         return int(self.keys.size)
 
+    @property
+    def bad_records(self):
+        """Bad records so far: those the label scan left out plus those skipped while reading."""
+        return super().bad_records + int(getattr(self.layout, "skipped", 0))
+
     def _load(self, i):
         if self._reader is None:
             self._reader = RecordIO(self.rec_path, "r")
         key, offset = int(self.keys[i]), int(self.offsets[i])
         buf = self._reader.read_at(offset, key)
-        _, payload = unpack_record(buf, self.rec_path, key, offset)
-        return decode_image(payload, f"{self.rec_path} key {key} at byte offset {offset}")
+        header, payload = unpack_record(buf, self.rec_path, key, offset)
+        where = f"{self.rec_path} key {key} at byte offset {offset}"
+        self._check_label(header, i, where)
+        return decode_image(payload, where)
+
+    def _check_label(self, header, i, where):
+        """The label trained on is the record's own header label (upstream's); refuse one that disagrees with
+        the label the layout gave it (identity records, label cache) rather than relabel silently."""
+        stored = float(header.label[0] if header.flag > 0 else header.label)
+        if stored != stored or abs(stored - float(self.labels[i])) > 1e-3:  # NaN never equals
+            raise DataError(f"{where}: the record's header says label {stored:g} but {self.layout.label_origin(i)}")
 
     def __getstate__(self):
         state = dict(self.__dict__)

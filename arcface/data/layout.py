@@ -9,7 +9,12 @@ Two layouts exist in the wild (docs: research host.md 2.4, 2.5):
 
 Labels come from the identity range records when they exist (a few hundred thousand tiny reads instead of
 millions), else from the 24..28 header bytes of each image record (pread, no image bytes). Either way they
-are cached in `<rec>.labels.npy`, valid while the .idx keeps its size and mtime.
+are cached in `<rec>.labels.npy`, keyed on what they were read from (label_cache.py): an edited .rec or .idx
+is scanned again.
+
+A run trains on upstream's labels, each image record's own header label (arcface_torch's MXFaceDataset never
+reads the identity records): RecordDataset compares it with the layout's label whenever it reads a record and
+refuses a record where they differ, so neither an inconsistent file nor a stale cache trains silently.
 """
 import logging
 import os
@@ -20,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
+from .label_cache import UNREADABLE, content_key, label_cache_path, load_label_cache, save_label_cache
 from .recordio import _HEAD, _IR_FORMAT, _IR_SIZE, _LEN_MASK, MAGIC, RecordIO, read_index, unpack
 
 log = logging.getLogger(__name__)
@@ -27,13 +33,14 @@ log = logging.getLogger(__name__)
 INSIGHTFACE = "insightface"
 PLAIN = "plain"
 
-# <rec>.labels.npy: int64 [CACHE_TAG, idx size, idx mtime_ns, N, label_0 .. label_{N-1}]
-CACHE_TAG = 0x4C41424C53763031  # "LABLSv01"
-_CACHE_HEAD = 4
 # bytes enough for the record head (8), the IRHeader (24) and the first float of an array label (4)
 _PEEK = _HEAD.size + _IR_SIZE + 4
 # identity-range labels are trusted after this many spot checks against the image headers agree
 _SPOT_CHECKS = 64
+# records whose first bytes key the label cache (with the .idx's hash and both files' sizes and mtimes)
+LABEL_CACHE_PROBES = 256
+# bad records named one by one in the log while a skip_bad_records scan leaves them out; the rest are counted
+_NAMED_SKIPS = 5
 
 
 @dataclass
@@ -46,9 +53,24 @@ class RecordLayout:
     offsets: np.ndarray            # int64 [N] byte offsets of those records in the .rec
     labels: np.ndarray             # int64 [N] identity labels (label[0] for array labels)
     label_source: str = ""         # "identity records", "record headers" or "cache"
+    skipped: int = 0               # unreadable records left out by a skip_bad_records scan
+    first_identity_key: Optional[int] = None  # insightface layout: the key of class 0's identity record
 
     def __len__(self):
         return int(self.image_keys.size)
+
+    def label_origin(self, i):
+        """Where image i's label came from and what to do, for the error that refuses a record whose header
+        label disagrees with it."""
+        label = int(self.labels[i])
+        if self.label_source == "identity records":
+            return (f"its identity record (key {self.first_identity_key + label}) gives label {label}: the file is "
+                    "inconsistent and which label is right cannot be told; repack it, or set skip_bad_records=True "
+                    "to leave such records out")
+        if self.label_source == "cache":
+            return (f"the label cache {label_cache_path(self.rec_path)} says label {label}: the cache is stale (the "
+                    ".rec was edited keeping its size and times); delete it and restart")
+        return f"the label scan at start-up read label {label} from it: the file changed since; restart"
 
     @property
     def num_classes(self):
@@ -118,37 +140,88 @@ def unpack_record(buf, rec_path, key, offset):
         raise DataError(f"{rec_path} key {key} at byte offset {offset}: {exc}") from None
 
 
-def _to_int_labels(values, keys, offsets, rec_path):
+def _integral(values):
+    """Which float values are finite whole numbers that fit an int64 (a label, a key, a count)."""
     values = np.asarray(values, dtype=np.float64)
-    labels = np.rint(values).astype(np.int64)
-    bad = np.flatnonzero(~np.isfinite(values) | (np.abs(values - labels) > 1e-3))
-    if bad.size:
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values) & (np.abs(values) < 2.0 ** 62)
+        return ok & (np.abs(values - np.rint(np.where(ok, values, 0))) <= 1e-3)
+
+
+def _to_int_labels(values, keys, offsets, rec_path, skip_bad_records=False):
+    """int64 labels of float header labels; a non-integer one is a DataError, or UNREADABLE when skipping."""
+    values = np.asarray(values, dtype=np.float64)
+    good = _integral(values)
+    bad = np.flatnonzero(~good)
+    if bad.size and not skip_bad_records:
         i = int(bad[0])
-        raise DataError(f"{rec_path} key {int(keys[i])} at byte offset {int(offsets[i])}: label {float(values[i]):g} "
-                        "is not an integer class id")
+        raise DataError(_not_integer(rec_path, keys[i], offsets[i], values[i]))
+    labels = np.rint(np.where(good, values, 0)).astype(np.int64)
+    labels[bad] = UNREADABLE
     return labels
 
 
-def _labels_from_headers(reader, fd, keys, offsets):
+def _not_integer(rec_path, key, offset, value):
+    return f"{rec_path} key {int(key)} at byte offset {int(offset)}: label {float(value):g} is not an integer class id"
+
+
+def _labels_from_headers(reader, fd, keys, offsets, skip_bad_records=False):
+    """Labels from every image record's header; with skip_bad_records a record whose header cannot be read, or
+    whose label is not an integer, gets UNREADABLE (counted and logged) instead of stopping the scan."""
     values = np.empty(keys.size, dtype=np.float64)
+    unreadable, named = np.zeros(keys.size, dtype=bool), []
     for i, (key, offset) in enumerate(zip(keys.tolist(), offsets.tolist())):
-        values[i] = _header(reader, fd, offset, key)[1]
-    return _to_int_labels(values, keys, offsets, reader.uri)
+        try:
+            values[i] = _header(reader, fd, offset, key)[1]
+        except DataError as exc:
+            if not skip_bad_records:
+                raise
+            values[i], unreadable[i] = np.nan, True
+            if len(named) < _NAMED_SKIPS:
+                named.append(str(exc))
+    labels = _to_int_labels(values, keys, offsets, reader.uri, skip_bad_records)
+    bad = labels == UNREADABLE
+    for i in np.flatnonzero(bad & ~unreadable)[:max(0, _NAMED_SKIPS - len(named))].tolist():
+        named.append(_not_integer(reader.uri, keys[i], offsets[i], values[i]))
+    _log_skipped(reader.uri, int(bad.sum()), keys.size, named)
+    return labels
+
+
+def _log_skipped(rec_path, count, total, named):
+    if not count:
+        return
+    for text in named:
+        log.warning("skipping bad record (skip_bad_records=True): %s", text)
+    more = f" ({count - len(named)} more not shown)" if count > len(named) else ""
+    log.warning("%s: %d of %d image records cannot be read and are left out (skip_bad_records=True)%s",
+                rec_path, count, total, more)
 
 
 def _labels_from_identities(reader, fd, offset_of, n_img, id_end):
-    """Labels for image keys 1..n_img from the identity records n_img+1 .. id_end-1, or None if they do not
-    tile the image keys exactly (then the caller reads the image headers)."""
+    """Labels for image keys 1..n_img from the identity records n_img+1 .. id_end-1, or None if they cannot be
+    read or do not tile the image keys exactly (then the caller reads the image headers, the labels upstream
+    trains on)."""
     id_keys = np.arange(n_img + 1, id_end, dtype=np.int64)
     id_offsets = offset_of(id_keys)
     if id_keys.size == 0 or id_offsets is None:
         return None
-    bounds = np.empty((id_keys.size, 2), dtype=np.int64)
+    bounds = np.empty((id_keys.size, 2), dtype=np.float64)
     for i, (key, offset) in enumerate(zip(id_keys.tolist(), id_offsets.tolist())):
-        header, _ = unpack_record(reader.read_at(offset, key), reader.uri, key, offset)
+        try:
+            header, _ = unpack_record(reader.read_at(offset, key), reader.uri, key, offset)
+        except DataError as exc:
+            log.warning("%s: identity record unreadable (%s); reading the image headers instead", reader.uri, exc)
+            return None
         if header.flag < 2:
             return None
         bounds[i] = header.label[:2]
+    bad = np.flatnonzero(~_integral(bounds).all(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        log.warning("%s: identity record key %d holds the range %s, not two integer keys; reading the image "
+                    "headers instead", reader.uri, int(id_keys[i]), bounds[i].tolist())
+        return None
+    bounds = np.rint(bounds).astype(np.int64)
     starts, ends = bounds[:, 0], bounds[:, 1]
     counts = ends - starts
     if starts[0] != 1 or ends[-1] != n_img + 1 or (counts <= 0).any() or (starts[1:] != ends[:-1]).any():
@@ -157,57 +230,45 @@ def _labels_from_identities(reader, fd, offset_of, n_img, id_end):
     # spot-check: the identity record order must be the class id, as face2rec2 writes it
     probe = np.unique(np.concatenate([starts, ends - 1])[:: max(1, (2 * starts.size) // _SPOT_CHECKS)])
     for key, offset in zip(probe.tolist(), offset_of(probe).tolist()):
-        _, value = _header(reader, fd, offset, key)
-        if int(round(value)) != labels[key - 1]:
-            log.info("%s: identity records do not match image labels at key %d; reading image headers",
-                     reader.uri, key)
+        try:
+            _, value = _header(reader, fd, offset, key)
+        except DataError:
+            return None  # the header scan names it (or skips it)
+        if not _integral([value])[0] or int(round(value)) != labels[key - 1]:
+            log.warning("%s: key %d's header says label %g but the identity records give %d; reading every image "
+                        "header instead (the labels upstream trains on)", reader.uri, key, value, labels[key - 1])
             return None
     return labels
 
 
-def _cache_path(rec_path):
-    return rec_path + ".labels.npy"
+def _image_range(header, rec_path, n_keys):
+    """(n_img, id_end) from the header record (key 0) of an insightface file, checked before they size arrays."""
+    values = np.asarray(header.label, dtype=np.float64).ravel()[:2]
+    shown = header.label.tolist()
+    if not _integral(values).all():
+        raise DataError(f"{rec_path} key 0: header label {shown} is not [first identity key, end key] as whole "
+                        "numbers (a corrupt header record)")
+    n_img = int(round(values[0])) - 1
+    id_end = int(round(values[1])) if header.flag > 1 else None
+    if n_img < 0:
+        raise DataError(f"{rec_path} key 0: header label {shown} announces a negative image count")
+    if n_img >= n_keys:
+        raise DataError(f"{rec_path} key 0: header label {shown} announces {n_img} images but the index lists "
+                        f"{n_keys} records (a corrupt header record, or the .idx of another file)")
+    if id_end is not None and not n_img + 1 <= id_end <= n_img + 1 + n_keys:
+        raise DataError(f"{rec_path} key 0: header label {shown} announces identity keys {n_img + 1}..{id_end - 1}, "
+                        f"impossible for an index of {n_keys} records")
+    return n_img, id_end
 
 
-def _idx_stamp(idx_path):
-    st = os.stat(idx_path)
-    return int(st.st_size), int(st.st_mtime_ns)
+def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True,
+                skip_bad_records: bool = False) -> RecordLayout:
+    """The RecordLayout of a dataset folder (train.rec/train.idx) or of a .rec path.
 
-
-def _load_cache(rec_path, idx_path, n):
-    path = _cache_path(rec_path)
-    if not os.path.isfile(path):
-        return None
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    size, mtime = _idx_stamp(idx_path)
-    if (arr.ndim != 1 or arr.dtype != np.int64 or arr.size < _CACHE_HEAD or arr[0] != CACHE_TAG
-            or arr[1] != size or arr[2] != mtime or arr[3] != n or arr.size != _CACHE_HEAD + n):
-        return None
-    return arr[_CACHE_HEAD:].copy()
-
-
-def _save_cache(rec_path, idx_path, labels):
-    path = _cache_path(rec_path)
-    size, mtime = _idx_stamp(idx_path)
-    arr = np.concatenate([np.array([CACHE_TAG, size, mtime, labels.size], dtype=np.int64), labels])
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only dataset folder is fine, only slower next time
-        log.warning("could not write the label cache %s (%s); labels will be re-read next time", path, exc)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-
-
-def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True) -> RecordLayout:
-    """The RecordLayout of a dataset folder (train.rec/train.idx) or of a .rec path."""
+    skip_bad_records: image records whose header cannot be read while the labels are scanned are left out of
+    the layout and counted in `skipped` (as RecordDataset skips the records it cannot decode) instead of
+    stopping with an error.
+    """
     rec_path, idx_path = rec_paths(root)
     if not os.path.isfile(rec_path):
         raise DataError(f"record file not found: {rec_path} (expected a dataset folder with train.rec and "
@@ -237,15 +298,10 @@ def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True)
         if first is not None:
             header, payload = unpack_record(reader.read_at(offsets[first], 0), rec_path, 0, int(offsets[first]))
             if header.flag > 0 and len(payload) == 0:  # an image with an array label is not a header
-                n_img = int(round(float(header.label[0]))) - 1
-                id_end = int(round(float(header.label[1]))) if header.flag > 1 else None
-                if n_img < 0:
-                    raise DataError(f"{rec_path} key 0: header label {header.label.tolist()} announces a "
-                                    "negative image count")
+                n_img, id_end = _image_range(header, rec_path, keys.size)
                 wanted = np.arange(1, n_img + 1, dtype=np.int64)
-                pos = np.searchsorted(keys[order], wanted)
-                pos = np.minimum(pos, keys.size - 1)
-                found = keys[order][pos] == wanted
+                pos = np.minimum(np.searchsorted(sorted_keys, wanted), keys.size - 1)
+                found = sorted_keys[pos] == wanted
                 if not found.all():
                     missing = int(wanted[np.flatnonzero(~found)[0]])
                     raise DataError(f"{rec_path}: header (key 0) announces image keys 1..{n_img} but key "
@@ -253,9 +309,12 @@ def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True)
                 kind, image_sel = INSIGHTFACE, np.sort(order[pos])
         image_keys, image_offsets = keys[image_sel], offsets[image_sel]
 
-        labels, source = None, ""
+        labels, source, key = None, "", None
         if use_cache:
-            labels = _load_cache(rec_path, idx_path, image_keys.size)
+            key = content_key(rec_path, idx_path, offsets, LABEL_CACHE_PROBES, _PEEK)
+            labels = load_label_cache(rec_path, key, image_keys.size)
+            if labels is not None and (labels == UNREADABLE).any() and not skip_bad_records:
+                labels = None  # scan again, so the unreadable record is named
             source = "cache" if labels is not None else ""
         if labels is None and kind == INSIGHTFACE and id_end is not None and id_end > n_img + 1:
             labels = _labels_from_identities(reader, fd, offset_of, n_img, id_end)
@@ -264,15 +323,21 @@ def read_layout(root, num_classes: Optional[int] = None, use_cache: bool = True)
                 labels = labels[image_keys - 1]
                 source = "identity records"
         if labels is None:
-            labels = _labels_from_headers(reader, fd, image_keys, image_offsets)
+            labels = _labels_from_headers(reader, fd, image_keys, image_offsets, skip_bad_records)
             source = "record headers"
         if use_cache and source != "cache":
-            _save_cache(rec_path, idx_path, labels)
+            save_label_cache(rec_path, key, labels)
     finally:
         os.close(fd)
         reader.close()
 
-    layout = RecordLayout(rec_path, idx_path, kind, image_keys.astype(np.int64), image_offsets.astype(np.int64),
-                          labels.astype(np.int64), source)
+    readable = labels != UNREADABLE
+    skipped = int((~readable).sum())
+    if source == "cache" and skipped:
+        log.warning("%s: %d unreadable image records are left out (skip_bad_records=True; from the label cache)",
+                    rec_path, skipped)
+    layout = RecordLayout(rec_path, idx_path, kind, image_keys[readable].astype(np.int64),
+                          image_offsets[readable].astype(np.int64), labels[readable].astype(np.int64), source,
+                          skipped, n_img + 1 if kind == INSIGHTFACE else None)
     layout.check_num_classes(num_classes)
     return layout

@@ -8,13 +8,13 @@ the mean L2 norm of the raw embeddings of both views. TAR@FAR comes from the sam
 """
 import io
 import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from .bin_pickle import load_bin_pickle
 from .metrics import far_key, kfold_accuracy, resolved_tar_at_far, roc_curve
 
 VERIFICATION_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -37,18 +37,11 @@ class VerificationSet:
         return int(self.issame.size)
 
 
-def _read_pickle(path):
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except UnicodeDecodeError:  # python-2 pickles of the original release
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-
-
 def _decode(blob, input_size, path, index):
     if isinstance(blob, np.ndarray):
         blob = blob.tobytes()
+    if not isinstance(blob, (bytes, bytearray)):
+        raise DataError(f"{path}: image {index} is a {type(blob).__name__}, expected encoded image bytes")
     try:
         image = Image.open(io.BytesIO(bytes(blob)))
         image = image.convert("RGB")
@@ -65,18 +58,20 @@ def _decode(blob, input_size, path, index):
 
 
 def load_bin(path, input_size=112, name=None):
-    """Decode a .bin into a VerificationSet; a missing or malformed file is a DataError naming it."""
+    """Decode a .bin into a VerificationSet; a missing, malformed or hostile file is a DataError naming it.
+
+    The pickle is read by a restricted unpickler (bin_pickle.py): a .bin cannot run code.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"verification set {path} does not exist")
-    try:
-        loaded = _read_pickle(path)
-    except Exception as err:
-        raise DataError(f"{path} is not a readable pickle ({type(err).__name__}: {err})") from err
+    loaded = load_bin_pickle(path)
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
         raise DataError(f"{path} must hold a pickled (bins, issame_list) pair, got {type(loaded).__name__}")
     bins, issame = loaded
-    issame = np.asarray(list(issame), dtype=bool)
+    issame = _issame_array(issame, path)
+    if not isinstance(bins, (list, tuple)):
+        raise DataError(f"{path}: the images must be a list of encoded images, got {type(bins).__name__}")
     if len(bins) != 2 * issame.size:
         raise DataError(f"{path} holds {len(bins)} images for {issame.size} pairs; expected {2 * issame.size}")
     images = np.empty((len(bins), 3, input_size, input_size), dtype=np.uint8)
@@ -85,6 +80,21 @@ def load_bin(path, input_size=112, name=None):
     if name is None:
         name = os.path.splitext(os.path.basename(path))[0]
     return VerificationSet(name=name, images=images, issame=issame)
+
+
+def _issame_array(issame, path):
+    """bool [N] of the pair labels: a list / tuple of bools (python or numpy) or a bool array."""
+    if isinstance(issame, np.ndarray):
+        if issame.ndim != 1 or issame.dtype.kind not in "biu" or not np.isin(issame, (0, 1)).all():
+            raise DataError(f"{path}: issame must be a 1-d array of booleans, got {issame.dtype} {issame.shape}")
+        return issame.astype(bool)
+    if not isinstance(issame, (list, tuple)):
+        raise DataError(f"{path}: issame must be a list of booleans, got {type(issame).__name__}")
+    bad = next((i for i, v in enumerate(issame) if not isinstance(v, (bool, np.bool_, int, np.integer))
+                or v not in (0, 1)), None)
+    if bad is not None:
+        raise DataError(f"{path}: issame[{bad}] is {issame[bad]!r}, expected a boolean")
+    return np.asarray(issame, dtype=bool).reshape(-1)
 
 
 def embed_views(embedder, dataset, batch_size=64, progress=False):
