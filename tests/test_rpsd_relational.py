@@ -196,6 +196,38 @@ def test_critical_threshold_follows_an_ema_over_steps():
     assert float(fresh.threshold) == pytest.approx(expected) and int(fresh.threshold_steps) == 2
 
 
+def test_critical_threshold_of_a_large_batch_is_read_from_a_fixed_column_subsample(monkeypatch):
+    """Above THRESHOLD_TAIL / far impostor pairs, every stride-th key column (batch samples first, then every bank
+    slot, valid or not) is used; the plain loop below reads the same columns."""
+    from plugins.ukd.losses import rpsd as rpsd_module
+    monkeypatch.setattr(rpsd_module, "THRESHOLD_TAIL", 2)
+    student, teacher, labels = make_batch()
+    loss = build_kd_loss("rpsd", bank=16, k_neg=3, min_bank=1, relation="student", mining="critical", far=0.05)
+    fill_bank(loss, 12)
+    bank = loss.bank
+    columns = [unit(teacher[j]) for j in range(8)] + [list(bank.feats[m].to(DT)) for m in range(16)]
+    column_labels = [int(labels[j]) for j in range(8)] + [int(bank.labels[m]) for m in range(16)]
+    column_valid = [True] * 8 + [bool(bank.valid[m]) for m in range(16)]
+    stride = int(8 * 24 * 0.05 // 2)
+    assert stride == 4
+    values = []
+    for i in range(8):
+        t_i = unit(teacher[i])
+        for c in range(0, 24, stride):
+            if c != i and column_valid[c] and column_labels[c] != int(labels[i]):
+                values.append(float(dot(t_i, columns[c])))
+    values.sort(reverse=True)
+    expected = values[max(1, math.ceil(0.05 * len(values))) - 1]
+    out, grad = run_loss(loss, student, teacher, labels)
+    assert out.stats["threshold"] == pytest.approx(expected, rel=1e-9)
+    s = student.clone().requires_grad_(True)
+    ref, _ = loop_rpsd(s, teacher, labels, bank_entries(loss), 3, "mse", 0.1, 1.0, 1.0, "student", "critical",
+                       threshold=expected)
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(grad, s.grad, rtol=1e-8, atol=1e-12)
+
+
 def test_critical_mining_takes_the_negatives_around_the_threshold_not_the_hardest():
     student, teacher, labels = make_batch()
     hard = build_kd_loss("rpsd", bank=0, k_neg=2, relation="student")

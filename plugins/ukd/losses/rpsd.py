@@ -21,6 +21,10 @@ RELATIONS = ("cross", "student", "both")
 MINING = ("hard", "critical")
 BANK_UPDATES = ("fifo", "momentum")
 _FAR = -1e9  # a finite "minus infinity": masked logits must not turn 0 * inf into NaN gradients
+# The critical threshold of one step is read from about this many impostor pairs above it: when the global batch
+# has more than THRESHOLD_TAIL / far impostor pairs, every stride-th key column is used (the same columns on every
+# rank), which keeps the estimate's noise small (EMA over steps on top) and its cost a fraction of the full top-m.
+THRESHOLD_TAIL = 256
 
 
 def mined_indices(mined, count):
@@ -128,7 +132,8 @@ class RPSDLoss(KDLoss):
         mining: 'hard' (default) or 'critical'.
         far: mining='critical': the false accept rate whose teacher threshold the negatives are mined around
              (None = 1e-4); the threshold is the teacher similarity exceeded by that fraction of the global
-             batch's impostor pairs (anchor x other-label key).
+             batch's impostor pairs (anchor x other-label key; a fixed column subsample of them when there are
+             more than THRESHOLD_TAIL / far, see above).
         far_momentum: mining='critical': EMA momentum of that threshold over steps (None = 0.9; 0 = this batch's).
         bank_update: how the bank keeps its entries: 'fifo' (default; a queue of the newest samples) or
                      'momentum' (one slot per training sample by dataset index, moved with bank_momentum; needs a
@@ -269,8 +274,13 @@ class RPSDLoss(KDLoss):
     # ---- critical mining ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _far_threshold(self, a, candidates, batch):
-        """The teacher's similarity threshold at `far` over the global batch's impostor pairs, smoothed over
-        steps with far_momentum; the same value on every rank."""
+        """The teacher's similarity threshold at `far` over the global batch's impostor pairs (every stride-th key
+        column when there are more than THRESHOLD_TAIL / far pairs), smoothed over steps with far_momentum; the
+        same value on every rank."""
+        pairs = batch.global_size * a.shape[1]
+        stride = max(1, int(pairs * self.far // THRESHOLD_TAIL))
+        if stride > 1:
+            a, candidates = a[:, ::stride], candidates[:, ::stride]
         count = candidates.sum().to(torch.float64).reshape(1)
         if batch.world_size > 1:
             all_reduce_sum(count)
