@@ -157,6 +157,37 @@ def dist_cross_entropy(logits, labels):
     return _DistCrossEntropy.apply(logits, labels)
 
 
+INIT_CHUNK = 4096  # classes per generator draw of the initial centres
+
+
+def initial_centres(class_start, num_local, embedding_size, seed):
+    """N(0, 0.01) initial centres of classes [class_start, class_start + num_local), as upstream's scale.
+
+    Drawn chunk by chunk of INIT_CHUNK classes, each chunk from its own generator seeded by (seed, chunk), so
+    that class c starts from the same vector whatever the world size (a 1-process run and an N-process run
+    start alike) and whatever else consumed the global random stream before (a plugin's modules, a teacher);
+    a rank draws only the chunks its shard overlaps.
+    """
+    rows = torch.empty(num_local, embedding_size)
+    end = class_start + num_local
+    for chunk in range(class_start // INIT_CHUNK, (end - 1) // INIT_CHUNK + 1 if num_local else 0):
+        lo, hi = chunk * INIT_CHUNK, min((chunk + 1) * INIT_CHUNK, end)
+        generator = torch.Generator().manual_seed(_init_stream(seed, chunk))
+        # always a whole chunk: torch's normal_ fills a tensor in blocks, so a row's value depends on the size drawn
+        block = torch.empty(INIT_CHUNK, embedding_size).normal_(0.0, 0.01, generator=generator)
+        take = slice(max(lo, class_start) - lo, hi - lo)
+        rows[max(lo, class_start) - class_start:hi - class_start] = block[take]
+    return rows
+
+
+def _init_stream(seed, chunk):
+    """A generator seed for (seed, chunk), salted so that it never equals `seed` itself: the centres must not
+    replay the stream that torch.manual_seed(seed) gives the backbone or the caller."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(chunk) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2 ** 64 - 1)
+    x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
 class PartialFC_V2(torch.nn.Module):  # noqa: N801  (upstream's name, kept for drop-in use)
     """margin_loss: (cosines, shard labels) -> scaled logits, e.g. CombinedMarginLoss.
 
@@ -182,7 +213,8 @@ class PartialFC_V2(torch.nn.Module):  # noqa: N801  (upstream's name, kept for d
         self.num_sample = int(self.sample_rate * self.num_local)
         self.last_batch_size = 0
         self.forward_count = 0  # the step used when the caller gives none
-        self.weight = torch.nn.Parameter(torch.empty(self.num_local, self.embedding_size).normal_(0.0, 0.01))
+        self.weight = torch.nn.Parameter(
+            initial_centres(self.class_start, self.num_local, self.embedding_size, self.sample_seed))
 
     def sample(self, labels, step):
         """This step's centres as sorted local indices; `labels` (shard coordinates) are renumbered in place

@@ -279,3 +279,18 @@ def test_two_sampled_shards_equal_a_plain_softmax_over_the_union_of_their_classe
         start, g = two[r][3], two[r][4]
         assert torch.all((g.abs().sum(1) > 0) == (full_grad[start:start + g.shape[0]].abs().sum(1) > 0))
         assert rel_close(g, full_grad[start:start + g.shape[0]], 1e-5)
+
+
+def test_initial_centres_do_not_depend_on_world_size_or_the_global_rng():
+    from arcface.partial_fc import INIT_CHUNK, initial_centres, shard_range
+    classes, d = 2 * INIT_CHUNK + 77, 6
+    whole = initial_centres(0, classes, d, seed=9)
+    for world in (2, 3, 5):
+        parts = [initial_centres(*shard_range(classes, r, world), d, seed=9) for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole)
+    torch.manual_seed(0)
+    first = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), d, classes, sample_seed=9).weight.detach()
+    torch.rand(1000)  # another component draws from the global stream first
+    second = PartialFC_V2(CombinedMarginLoss(64, 1.0, 0.5, 0.0), d, classes, sample_seed=9).weight.detach()
+    assert torch.equal(first, whole) and torch.equal(second, whole)
+    assert abs(float(whole.std()) - 0.01) < 5e-4 and not torch.equal(whole, initial_centres(0, classes, d, seed=10))

@@ -46,7 +46,8 @@ def test_kd_run_keeps_teacher_frozen_and_logs_terms(tmp_path, teacher_file):
         assert torch.equal(v, before[k]), f"teacher changed: {k}"
     log = open(os.path.join(cfg.output, "training.log")).read()
     assert "kd/iled" in log and "kd/rpsd" in log and "teacher_ms" in log
-    assert "L = L_cls + 1.0 * iled" in log.replace("1 *", "1.0 *") or "iled(" in log
+    formula = next(line for line in log.splitlines() if "UKD: L = L_cls + " in line)
+    assert "1.0 * iled(ratio=0.25" in formula and "1.0 * rpsd(bank=64" in formula
     ckpt = torch.load(os.path.join(cfg.output, "checkpoint_gpu_0.pt"), weights_only=False)
     state = ckpt["state_plugins"]["ukd"]
     assert any("bank" in k for k in state["composer"])
@@ -54,12 +55,21 @@ def test_kd_run_keeps_teacher_frozen_and_logs_terms(tmp_path, teacher_file):
     assert set(model) == set(get_model("mbf", num_features=16, input_size=16, width=0.25).state_dict())
 
 
-def test_projector_when_sizes_differ_is_trained_saved_and_not_exported(tmp_path, teacher_file):
+def test_projector_when_sizes_differ_is_trained_saved_and_not_exported(tmp_path, teacher_file, monkeypatch):
+    from plugins.ukd.plugin import UKDPlugin
+    initial = []
+    real_init = UKDPlugin.__init__
+
+    def recording_init(self, cfg):
+        real_init(self, cfg)
+        initial.append(self.projector.weight.detach().clone())
+    monkeypatch.setattr(UKDPlugin, "__init__", recording_init)
     images, labels = make_data()
     cfg = tiny_cfg(tmp_path, num_epoch=1, embedding_size=8, kd=kd_section(teacher_file))
     trainer = train(cfg, TensorLoader(images, labels, 8))
     proj = trainer.plugins[0].projector
     assert proj is not None and tuple(proj.weight.shape) == (16, 8)
+    assert (proj.weight.detach() - initial[0]).abs().max() > 1e-4  # trained with the student
     ckpt = torch.load(os.path.join(cfg.output, "checkpoint_gpu_0.pt"), weights_only=False)
     assert torch.equal(ckpt["state_plugins"]["ukd"]["projector"]["weight"], proj.weight.detach())
     model = torch.load(os.path.join(cfg.output, "model.pt"), weights_only=True)
@@ -115,3 +125,35 @@ def test_teacher_sanity_check_stops_a_poor_teacher_before_step_0(tmp_path, teach
         teacher_file, teacher_check=True, teacher_check_targets=["noise"], teacher_min_accuracy=0.0), num_epoch=1)
     train(cfg, TensorLoader(images, labels, 8))  # a threshold the teacher meets: training runs
     assert "teacher sanity check [noise]" in open(os.path.join(cfg.output, "training.log")).read()
+
+
+def test_projector_none_is_allowed_for_relational_losses_only(tmp_path, teacher_file):
+    images, labels = make_data()
+    relational = kd_section(teacher_file, projector="none", losses={"sp": {"weight": 1.0}, "rkd": {"weight": 1.0}})
+    trainer = train(tiny_cfg(tmp_path / "rel", num_epoch=1, embedding_size=8, kd=relational),
+                    TensorLoader(images, labels, 8))
+    assert trainer.plugins[0].projector is None  # an 8-d student distilled from a 16-d teacher, no projector
+    with pytest.raises(ConfigError, match=r"kd.losses \['fc'\] compare the two embeddings one to one"):
+        train(tiny_cfg(tmp_path / "fc", num_epoch=1, embedding_size=8,
+                       kd=kd_section(teacher_file, projector="none", losses={"fc": {"weight": 1.0}})),
+              TensorLoader(images, labels, 8))
+
+
+def test_kd_moves_the_student_towards_the_teacher(tmp_path, teacher_file):
+    """Through the engine's trainer: the same student, steps and data with and without FC distillation; the
+    distilled one ends closer to the teacher on images it was not trained on."""
+    from plugins.ukd.teacher import FrozenTeacher
+    images, labels = make_data()
+    held_out = make_data(n=128)[0][96:]  # the same identities, other noise: images the runs never saw
+    teacher = FrozenTeacher(get_model("r18", num_features=16, input_size=16, width=0.25))
+    teacher.backbone.load_state_dict(torch.load(teacher_file, weights_only=True))
+
+    def mean_cos(trainer):
+        student = trainer.backbone.eval()
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(student(held_out), teacher(held_out)).mean())
+
+    plain = train(tiny_cfg(tmp_path / "plain", num_epoch=4), TensorLoader(images, labels, 8))
+    kd = kd_section(teacher_file, losses={"fc": {"weight": 50.0}})
+    distilled = train(tiny_cfg(tmp_path / "kd", num_epoch=4, kd=kd), TensorLoader(images, labels, 8))
+    assert mean_cos(distilled) > mean_cos(plain) + 0.15

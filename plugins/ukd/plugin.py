@@ -21,6 +21,12 @@ from .teacher_backends import build_teacher_backend
 log = logging.getLogger("arcface")
 
 
+def batches_have_positives(cfg):
+    """Whether every batch holds several images of its identities: the P x K sampler with K >= 2 and some of the
+    batch drawn by identity (the random sampler, or pk_random_fraction=1, almost never pairs two images)."""
+    return cfg.sampler == "pk" and int(cfg.pk_k) >= 2 and float(cfg.pk_random_fraction) < 1.0
+
+
 @register_plugin("ukd")
 class UKDPlugin(Plugin):
     config_section = KD_SECTION
@@ -39,8 +45,12 @@ class UKDPlugin(Plugin):
         if mode == "linear" or (mode == "auto" and s_dim != t_dim):
             self.projector = torch.nn.Linear(s_dim, t_dim, bias=False)
         elif s_dim != t_dim:
-            raise ConfigError(f"student embedding_size {s_dim} differs from kd.teacher_embedding_size {t_dim}; "
-                              "set kd.projector='auto' or 'linear'")
+            one_to_one = [key for key, term in self.composer.terms.items() if term.compares_instances]
+            if one_to_one:
+                raise ConfigError(f"student embedding_size {s_dim} differs from kd.teacher_embedding_size {t_dim}, "
+                                  f"and kd.losses {one_to_one} compare the two embeddings one to one: set "
+                                  "kd.projector='auto' or 'linear' (projector='none' suits relational losses only, "
+                                  "e.g. sp, rkd)")
         self._pending = []
         self._stats = {}
         self._stat_counts = {}
@@ -58,7 +68,7 @@ class UKDPlugin(Plugin):
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.teacher = build_teacher_backend(self.kd, cfg, ctx)
         self.composer.to(ctx.device)
-        self.composer.check(cfg.batch_size * ctx.world_size, cfg.sampler == "pk")
+        self.composer.check(cfg.batch_size * ctx.world_size, batches_have_positives(cfg))
         self.composer.bind_training(ctx)
         if ctx.rank == 0:
             log.info(f"UKD: teacher {getattr(self.teacher, 'description', self.kd.teacher_weights)}"

@@ -38,6 +38,11 @@ class KDLoss(torch.nn.Module):
     def bind_training(self, ctx) -> None:
         pass
 
+    # True: the loss compares a student embedding with its teacher embedding one to one, so their sizes must agree
+    # (a projector when they differ). Relational losses that only compare similarities set it False, which lets
+    # kd.projector='none' distil a student of another embedding size.
+    compares_instances = True
+
     # A loss that works inside the classification head (class centres, margins) sets uses_head = True and
     # overrides these; the engine's contract is arcface.engine.hooks.Plugin.configure_head / before_head.
     uses_head = False

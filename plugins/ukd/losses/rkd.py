@@ -55,6 +55,8 @@ class RKDLoss(KDLoss):
     Memory: O(b * B^2) per rank for the angles (B = global batch). Statistics: dist_loss, angle_loss.
     """
 
+    compares_instances = False
+
     def __init__(self, w_d=25.0, w_a=50.0, normalize=False):
         super().__init__()
         if float(w_d) < 0 or float(w_a) < 0:

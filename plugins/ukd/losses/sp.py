@@ -21,6 +21,8 @@ class SimilarityPreservingLoss(KDLoss):
     average of the gradients is the gradient of L. With one process this is exactly SP on the batch.
     """
 
+    compares_instances = False
+
     def forward(self, batch: KDBatch) -> KDOutput:
         dtype = compute_dtype(batch.student)
         s_local = F.normalize(batch.student.to(dtype), dim=1)
