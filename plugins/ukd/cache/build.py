@@ -1,10 +1,13 @@
 """Building the teacher cache: the configured teacher run over every training image (as stored and flipped),
 on every rank of the process group, each rank writing its own chunks of the one file (file_format.py).
 
-Building is chunked: a chunk's rows are flushed, then its id is added to `<file>.progress.rank<r>.json`
-(written atomically). A rerun continues with the chunks no progress record lists; chunks are computed with
-the same batches whoever computes them, so the bytes equal an uninterrupted build. The magic turns complete
-(last 8-byte write, after a barrier) only when every chunk is recorded; training refuses a partial file.
+Building is chunked: a chunk's rows are flushed, then its id and the crc32 of its bytes are added to
+`<file>.progress.rank<r>.json` (written atomically). A rerun continues with the chunks no progress record
+lists; chunks are computed with the same batches whoever computes them, so the bytes equal an uninterrupted
+build. After a barrier rank 0 writes the checksum table, reads the whole file back against it (a chunk damaged
+between its write and now - a disk, a shared file system - is dropped from the progress records and the build
+stops, so a rerun computes it again), and only then turns the magic complete (the last 8-byte write); training
+refuses a partial file.
 """
 import logging
 import os
@@ -19,8 +22,9 @@ from arcface.errors import ConfigError, DataError
 
 from ..config import resolve_kd_config
 from ..teacher_backends.base import TEACHER_BACKENDS, configured_teacher_file, teacher_precision, teacher_source
-from .file_format import (CacheFile, create_cache_file, dataset_identity, file_sha256, header_digest, make_header,
-                     mark_complete, read_header, read_progress, remove_progress)
+from .file_format import (CacheFile, chunk_checksum, chunk_rows, create_cache_file, damaged_chunks, dataset_identity,
+                          file_sha256, forget_chunks, header_digest, make_header, mark_complete, read_chunk_checksums,
+                          read_header, read_progress, remove_progress, write_checksums)
 from . import file_format
 
 log = logging.getLogger("arcface")
@@ -64,7 +68,7 @@ def _diff(a, b, prefix=""):
 
 def _plan(cfg, kd, out, batch_size, chunk_size, restart, device):
     """Rank 0: the header of this build, creating or resuming the file; returns (header, done, complete)."""
-    dataset = dataset_identity(cfg.rec)
+    dataset = dataset_identity(cfg.rec, skip_bad_records=bool(cfg.get("skip_bad_records")))
     teacher = teacher_identity(kd, bool(cfg.get("fp16")), device)
     existing = None
     if os.path.exists(out) and not restart:
@@ -148,7 +152,7 @@ def build_teacher_cache(cfg, out=None, batch_size=None, chunk_size=None, num_wor
     mine = [int(c) for c in np.array_split(np.asarray(remaining, dtype=np.int64), world)[rank]]
     plan = _chunk_batches(mine, header)
     cache = CacheFile.open(out, writable=True)
-    recorded = read_progress(out, digest, rank)
+    recorded = read_chunk_checksums(out, digest, rank)
 
     if plan:
         teacher = _teacher(kd, cfg, device)
@@ -176,6 +180,11 @@ def build_teacher_cache(cfg, out=None, batch_size=None, chunk_size=None, num_wor
                     raise DataError(f"the teacher returned non-finite embeddings for samples {bad[:8]} of {cfg.rec}; "
                                     "the teacher weights or their precision (fp16) are broken; nothing was cached "
                                     "for this chunk")
+                nonzero = (emb.float().norm(dim=1) > 0).reshape(2, -1).all(dim=0).cpu()
+                if not bool(nonzero.all()):  # a zero embedding has no direction: lookups would refuse its row
+                    bad = [w for w, f in zip(wanted, nonzero.tolist()) if not f]
+                    raise DataError(f"the teacher returned all-zero embeddings for samples {bad[:8]} of {cfg.rec}; "
+                                    "the teacher weights are broken; nothing was cached for this chunk")
                 write_rows(cache, rows, emb)
                 missing = np.asarray([w for w, r in zip(wanted, rows) if r is None], dtype=np.int64)
                 if missing.size:  # NaN: lookups of these rows raise DataError
@@ -183,7 +192,7 @@ def build_teacher_cache(cfg, out=None, batch_size=None, chunk_size=None, num_wor
                     cache.embeddings[missing] = np.nan
                 bar.update(len(wanted))
             cache.flush()
-            recorded.add(chunk)
+            recorded[chunk] = chunk_checksum(cache, chunk)
             file_format.write_progress(out, rank, digest, recorded)  # the commit of a chunk (a test kills here)
         bar.close()
     del cache
@@ -194,15 +203,24 @@ def build_teacher_cache(cfg, out=None, batch_size=None, chunk_size=None, num_wor
 
 
 def _commit(out, header, digest):
-    """Rank 0, after every rank's chunks: mark the file complete, or say which chunks are missing."""
-    done = read_progress(out, digest)
-    missing = sorted(set(range(header["build"]["num_chunks"])) - done)
+    """Rank 0, after every rank's chunks: write the checksum table, read the file back against it, and mark it
+    complete; or say which chunks are missing or damaged (those are computed again by a rerun)."""
+    checksums = read_chunk_checksums(out, digest)
+    missing = sorted(set(range(header["build"]["num_chunks"])) - set(checksums))
     if missing:
         raise DataError(f"teacher cache {out}: chunks {missing[:8]} were not recorded done; rerun to finish")
-    norms = np.memmap(out, dtype="<f4", mode="r", offset=header["arrays"]["norms"]["offset"],
-                      shape=tuple(header["arrays"]["norms"]["shape"]))
-    unreadable = int((~np.isfinite(norms[:, 0])).sum())
-    del norms
+    write_checksums(out, header, checksums)
+    cache = CacheFile.open(out)
+    damaged = damaged_chunks(cache)
+    if damaged:
+        forget_chunks(out, digest, damaged)
+        spans = ", ".join(f"chunk {c} (rows {chunk_rows(header, c)[0]}..{chunk_rows(header, c)[1] - 1})"
+                          for c in damaged[:4])
+        raise DataError(f"teacher cache {out}: {spans} read back differently from what was written (the disk "
+                        "or a shared file system changed them); the file is not marked complete, rerun to compute "
+                        "them again")
+    unreadable = int((~np.isfinite(cache.norms[:, 0])).sum())
+    del cache
     if unreadable:
         log.warning("teacher cache %s: %d unreadable records have no embedding", out, unreadable)
     mark_complete(out)

@@ -20,7 +20,9 @@ class CacheTeacherBackend(TeacherBackend):
 
     Start-up refuses (ConfigError) a cache that is incomplete or does not match the data set, input size,
     embedding size or the configured teacher file, and loaders that cannot say which sample and view a row
-    is (DALI). A loader that yields index=None anyway is refused on the first batch.
+    is (DALI). A loader that yields index=None anyway is refused on the first batch. A cache whose bytes do not
+    match their checksums (checked at start-up) or a damaged row (checked on every lookup) is a DataError
+    naming the chunk or sample, before it can turn into a NaN loss.
     """
     def __init__(self, kd, cfg, ctx):
         path = kd.get("teacher_cache")
@@ -33,7 +35,8 @@ class CacheTeacherBackend(TeacherBackend):
                               "augmentations change the images the cache was computed from; set dali=False")
         self.kd, self.cfg, self.device = kd, cfg, ctx.device
         self.path = str(path)
-        self.dataset = dataset_identity(cfg.rec, what="kd.teacher_backend='cache' needs cfg.rec to be")
+        self.dataset = dataset_identity(cfg.rec, what="kd.teacher_backend='cache' needs cfg.rec to be",
+                                        skip_bad_records=bool(cfg.get("skip_bad_records")))
         teacher_file = configured_teacher_file(kd)
         teacher_sha = file_sha256(teacher_file) if teacher_file else None
         self.cache = open_for_training(self.path, self.dataset, int(cfg.input_size),
