@@ -346,6 +346,18 @@ def test_coupleface_objective_is_fc_plus_mrd():
     assert float(terms["mrd"]) == pytest.approx(10.0 * float(mrd), rel=1e-9)
 
 
+def test_the_documented_coupleface_example_builds_fc_plus_mrd():
+    import ast
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    code = re.search(r"```python\n# CoupleFace: FCD \+ MRD\n(.*?)```", text, re.DOTALL).group(1)
+    assert 'config.sampler = "pk"' in code
+    losses = ast.literal_eval(re.search(r"config\.kd\.losses = (\{.*\})", code).group(1))
+    composer = KDComposer(losses)
+    assert composer.loss_names == {"fc": "fc", "mrd": "mrd"} and composer.weights["mrd"] > 0
+
+
 # ---------------------------------------------------------------- adadistill
 
 def test_occurrence_rank_counts_earlier_repeats():
