@@ -4,6 +4,7 @@ training step at the same batch, measured side by side in one run.
 
     python -m benchmarks.bench_kd_losses                    # CPU or the first GPU
     python -m benchmarks.bench_kd_losses --mbf-batch 64     # time MBF on 64 images and scale to --batch
+    python -m benchmarks.bench_kd_losses --methods          # also ekd, mrd, adadistill, proxyless, head hooks
 
 On CPU the MobileFaceNet step at 512 images is slow; --mbf-batch times a smaller batch and scales linearly
 (printed as such). The teacher forward is not included: it is the same for every KD loss.
@@ -104,6 +105,159 @@ def time_relational(args, device, labels, teacher, student):
     return out
 
 
+# ---- the face-recognition KD methods (ekd, mrd, adadistill, proxyless) and the head hooks (issue 15) ----------
+
+FACE_KD_METHODS = {
+    "ekd (critical pairs, 6 FPRs, k_neg 2000)": ("ekd", {}),
+    "ekd (TFace's selection: all positives + 2000)": ("ekd", {"selection": "hard"}),
+    "mrd (mse, 64 negatives per anchor)": ("mrd", {}),
+    "mrd (kl, 64 negatives per anchor)": ("mrd", {"form": "kl"}),
+}
+
+
+def time_face_kd_methods(args, device, labels, teacher, student):
+    """(name, (min s, mean s)) of each method's per-step work at the benchmark's batch: forward + backward for the
+    pair losses; for adadistill the centre update of before_head over a full-size Partial FC shard (its margin
+    softmax is the step's own classification loss); for proxyless its per-step term (the centres are loaded once)."""
+    import shutil
+    import tempfile
+
+    from arcface.losses import CombinedMarginLoss
+    from arcface.partial_fc import PartialFC_V2, shard_range
+    from plugins.ukd import build_kd_loss
+
+    out = []
+    for name, (loss_name, params) in FACE_KD_METHODS.items():
+        loss = build_kd_loss(loss_name, **params).to(device)
+
+        def run(loss=loss):
+            loss(KDBatch(student=student, teacher=teacher, labels=labels)).loss.backward()
+            student.grad = None
+        out.append((name, timed(run, device, args.repeats)))
+
+    pfc = PartialFC_V2(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), args.dim, args.identities, 1.0).to(device)
+    ada = build_kd_loss("adadistill")
+    ada.configure_head(pfc)
+
+    def ada_step():
+        batch = KDBatch(student=student, teacher=teacher, labels=labels)
+        ada(batch)
+        ada.before_head(pfc, batch)
+    out.append((f"adadistill centre update ({args.identities} classes)", timed(ada_step, device, args.repeats)))
+
+    folder = tempfile.mkdtemp(prefix="bench_proxyless_")
+    try:
+        world = 8
+        table = torch.randn(args.identities, args.dim)
+        for rank in range(world):
+            start, rows = shard_range(args.identities, rank, world)
+            torch.save({"state_dict_softmax_fc": {"weight": table[start:start + rows].clone()}},
+                       os.path.join(folder, f"checkpoint_gpu_{rank}.pt"))
+        del table
+        proxy = build_kd_loss("proxyless", teacher_head=folder)
+        out.append(("proxyless per step (zero term)",
+                    timed(lambda: proxy(KDBatch(student=student, teacher=teacher, labels=labels)), device,
+                          args.repeats)))
+        head = PartialFC_V2(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), args.dim, args.identities, 1.0)
+        start = time.perf_counter()
+        proxy.configure_head(head)
+        once = time.perf_counter() - start
+        out.append((f"proxyless start-up: {args.identities} centres from an 8-rank head (once)", (once, once)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+class _FixedBatches:
+    """The TrainLoader protocol over one fixed batch, for timing trainer micro-steps."""
+
+    def __init__(self, batch, count):
+        self.batch, self.count = batch, count
+
+    def __len__(self):
+        return self.count
+
+    def set_epoch(self, epoch, start_batch=0):
+        pass
+
+    def __iter__(self):
+        return iter([self.batch] * self.count)
+
+
+def time_head_hooks(args, device):
+    """A plain engine micro-step (MobileFaceNet + Partial FC, no plugin) as the trainer runs it when no plugin uses
+    the head hooks (the guard is off), against the same step with the hook call made anyway (an empty driver's
+    before_head): interleaved, median of --hook-repeats each, and the spread of the plain step as the noise."""
+    import contextlib
+    import io
+    import statistics
+    import tempfile
+
+    from arcface.config import base_config, validate
+    from arcface.data.batch import Batch
+    from arcface.engine.hooks import StepBatch
+    from arcface.engine.trainer import Trainer
+
+    cfg = base_config()
+    cfg.update({"rec": "synthetic", "num_classes": 1000, "num_image": 10 * args.hook_batch, "network": "mbf",
+                "embedding_size": 512, "input_size": 112, "batch_size": args.hook_batch, "num_epoch": 1,
+                "warmup_epoch": 0, "output": tempfile.mkdtemp(prefix="bench_hooks_"), "tensorboard": False,
+                "save_all_states": False, "num_workers": 0, "val_targets": [], "device": str(device), "fp16": False,
+                "frequent": 10 ** 9})
+    cfg.config_name = "bench_head_hooks"
+    cfg = validate(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(args.hook_batch, 3, 112, 112, generator=g).to(device),
+                  torch.randint(0, 1000, (args.hook_batch,), generator=g).to(device))
+    trainer = Trainer(cfg, _FixedBatches(batch, 10))
+    with contextlib.redirect_stdout(io.StringIO()):   # the trainer's start-up log (every config key)
+        trainer.setup()
+    try:
+        assert not trainer.head_hooks and not trainer.plugins.head_users
+
+        def step(call_hooks):
+            trainer.head_hooks = call_hooks
+            start = time.perf_counter()
+            trainer._micro_step(batch, 0)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            trainer.optimizer.zero_grad(set_to_none=True)
+            return elapsed
+
+        step(False), step(True)                       # warm-up
+        plain, hooked = [], []
+        for _ in range(args.hook_repeats):
+            plain.append(step(False))
+            hooked.append(step(True))
+        trainer.head_hooks = False
+        # the call itself, alone, many times: what the hook path costs per micro-step, free of the step's noise
+        step_batch = StepBatch(images=batch.images, labels=batch.labels, embeddings=None, step=0)
+        calls = 100000
+        start = time.perf_counter()
+        for _ in range(calls):
+            trainer.plugins.before_head(trainer.pfc, step_batch)
+        per_call = (time.perf_counter() - start) / calls
+    finally:
+        trainer.close()
+    return statistics.median(plain), statistics.median(hooked), statistics.pstdev(plain), per_call
+
+
+def report_face_kd_methods(args, device, labels, teacher, student, mbf_at_batch):
+    print(f"face-recognition KD methods at batch {args.batch}, dim {args.dim} (P x K labels), ratio to the MBF step "
+          f"at batch {args.batch}:")
+    for name, (best, mean) in time_face_kd_methods(args, device, labels, teacher, student):
+        print(f"{'  ' + name:60s} {best:9.4f} {mean:9.4f}   ratio {best / mbf_at_batch:.4f}")
+    plain, hooked, noise, per_call = time_head_hooks(args, device)
+    print(f"head hooks, plain engine micro-step (MBF + Partial FC 1000 classes, batch {args.hook_batch}, median of "
+          f"{args.hook_repeats} interleaved):")
+    print(f"{'  no plugin uses them (the guard is off)':60s} {plain:9.4f}")
+    print(f"{'  the hook call made anyway (empty driver)':60s} {hooked:9.4f}   ratio {hooked / plain:.4f}, "
+          f"spread of the plain step {noise / plain:.4f}")
+    print(f"{'  the hook call alone (empty driver), per micro-step':60s} {per_call:9.2e}   ratio "
+          f"{per_call / plain:.1e}")
+
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=512, help="global batch of the KD losses")
@@ -114,6 +268,10 @@ def main():
     parser.add_argument("--mbf-batch", type=int, default=None, help="images per MBF step (default: --batch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", action="store_true",
+                        help="also time ekd, mrd, adadistill, proxyless and the head hooks (issue 15)")
+    parser.add_argument("--hook-batch", type=int, default=32, help="images per engine step of the head-hook check")
+    parser.add_argument("--hook-repeats", type=int, default=9)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -186,6 +344,8 @@ def main():
         print(f"{'  ' + name:48s} {best:9.4f} {mean:9.4f}   ratio to MBF step {best / mbf_at_batch:.3f}")
     if peak is not None:
         print(f"peak GPU memory during ILED + RPSD (bank included): {peak:.0f} MiB")
+    if args.methods:
+        report_face_kd_methods(args, device, labels, teacher, student, mbf_at_batch)
 
 
 if __name__ == "__main__":
