@@ -257,7 +257,6 @@ def report_face_kd_methods(args, device, labels, teacher, student, mbf_at_batch)
           f"{per_call / plain:.1e}")
 
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=512, help="global batch of the KD losses")
