@@ -158,7 +158,7 @@ class RecordDataset(_FaceDataset):
         """The label trained on is the record's own header label (upstream's); refuse one that disagrees with
         the label the layout gave it (identity records, label cache) rather than relabel silently."""
         stored = float(header.label[0] if header.flag > 0 else header.label)
-        if stored != stored or abs(stored - float(self.labels[i])) > 1e-3:  # NaN never equals
+        if stored != float(np.float32(self.labels[i])):  # at the header's float32 precision; NaN never equals
             raise DataError(f"{where}: the record's header says label {stored:g} but {self.layout.label_origin(i)}")
 
     def __getstate__(self):

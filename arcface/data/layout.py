@@ -234,7 +234,7 @@ def _labels_from_identities(reader, fd, offset_of, n_img, id_end):
             _, value = _header(reader, fd, offset, key)
         except DataError:
             return None  # the header scan names it (or skips it)
-        if not _integral([value])[0] or int(round(value)) != labels[key - 1]:
+        if float(value) != float(np.float32(labels[key - 1])):  # at the header's float32 precision; NaN never equals
             log.warning("%s: key %d's header says label %g but the identity records give %d; reading every image "
                         "header instead (the labels upstream trains on)", reader.uri, key, value, labels[key - 1])
             return None
