@@ -24,6 +24,7 @@ BENCHMARKS = {
     "teacher_cache": ([], []),
     "ijb": ([], ["--images", "50000", "--templates", "2500", "--pairs", "1000000"]),
     "ukd_gain": ([], ["--seeds", "1", "--epochs", "1"]),  # needs `make demo` first; ~15 min in full
+    "backbone_step": ([], ["--batch", "4", "--input-size", "56", "--repeat", "1"]),
 }
 
 
