@@ -5,7 +5,8 @@ import runpy
 # procedural faces (data/synth, made by tools/make_synthetic.py), trained from scratch as upstream trains its
 # ViTs: AdamW, linear warmup, token masking and drop path.
 #   torchrun --standalone --nproc_per_node=2 tools/train.py configs/synth_vit_t.py
-# Measured (docs/benchmarks.md#vit-backbones): 1.02M parameters, 34 min on the 2 shared cores (load 6-11),
+# Measured (docs/benchmarks.md#vit-backbones): 1.02M parameters, 34 min on the 2 shared cores at load 6-11
+# (~14 min quiet: 114 img/s),
 # synth_val 97.40 +- 0.94, IJB-C-style TAR@FAR=1e-3 96.67 (README's demo table: r34-0.5 teacher 96.90 / 92.00,
 # mbf-0.5 93.53 / 57.33).
 
