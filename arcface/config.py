@@ -177,6 +177,7 @@ def validate(cfg, where="config"):
     number("num_workers", 0, integer=True)
     number("num_threads", 1, integer=True, optional=True)
     number("seed", 0, integer=True)
+    number("dist_timeout", 0, low_open=True)
     need(cfg.margin_gradient in ("straight_through", "exact"),
          f"`margin_gradient` must be 'straight_through' or 'exact', got {cfg.margin_gradient!r}")
     need(cfg.sampler in ("random", "pk"), f"`sampler` must be 'random' or 'pk', got {cfg.sampler!r}")

@@ -67,6 +67,8 @@ def engine_defaults():
     c.val_batch_size = 64
     c.device = "auto"
     c.dist_backend = None
+    c.dist_timeout = 1800
+    c.resume_unsafe_pickle = False
     c.tensorboard = True
     c.num_threads = None
     c.plugins = []

@@ -81,6 +81,11 @@ ENGINE_KEYS = {
     "val_batch_size": "batch size of the .bin verification",
     "device": "auto, cpu or cuda",
     "dist_backend": "None picks nccl on CUDA and gloo on CPU",
+    "dist_timeout": "seconds a collective may wait for the other ranks before the job stops with an error naming "
+                    "the step (a stopped or dead rank); raise it for very slow steps or long evaluations on rank 0",
+    "resume_unsafe_pickle": "resume from a checkpoint of an earlier version that holds pickled python objects: "
+                            "reading it can run code from the file, so only for files you trust (checkpoints are "
+                            "otherwise read with torch.load(weights_only=True))",
     "tensorboard": "write TensorBoard scalars to <output>",
     "plugins": "registered plugins to switch on: names, or dicts {'name': ..., **parameters}; a plugin with a config "
                "section (the KD plugin's `kd`) is switched on by `<section>.enabled = True` instead",

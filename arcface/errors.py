@@ -27,3 +27,7 @@ class CheckpointError(UKDError):
 
 class TrainingDiverged(UKDError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint is intact."""
+
+
+class DistributedError(UKDError):
+    """Another rank of the job stopped, died or fell too far behind: a collective did not complete in time."""

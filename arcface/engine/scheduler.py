@@ -23,6 +23,18 @@ class PolynomialLRWarmup(LRScheduler):
         self.power = power
         super().__init__(optimizer, last_epoch)
 
+    def retarget(self, base_lr, warmup_iters, total_iters):
+        """Continue from the current step with another peak lr or length (a resume with a changed config):
+        every param group's lr is set to the new curve's value at this step."""
+        self.warmup_iters = max(int(warmup_iters), 0)
+        self.total_iters = max(int(total_iters), 1)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = base_lr
+        self.base_lrs = [base_lr for _ in self.optimizer.param_groups]
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
     def get_lr(self):
         return [poly_warmup_lr(base, self.last_epoch, self.warmup_iters, self.total_iters, self.power)
                 for base in self.base_lrs]

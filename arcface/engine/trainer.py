@@ -14,7 +14,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as D
-from .checkpoint import atomic_save, checkpoint_path, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (atomic_save, checkpoint_path, load_checkpoint, remove_orphans, rng_state,
+                         save_generation, set_rng_state)
 from .device import configure_threads, pick_device, seed_everything
 from .hooks import StepBatch, TrainContext
 from .logging import TrainLogger, init_logging
@@ -24,7 +25,7 @@ from .precision import MixedPrecision, autocast_for
 from .schedule import TrainSchedule
 from .wandb_run import WandbRun
 from .scheduler import PolynomialLRWarmup
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import CheckpointError, DistributedError, TrainingDiverged
 from ..losses import CombinedMarginLoss
 from ..partial_fc import PartialFC_V2
 
@@ -34,6 +35,16 @@ def build_backbone(cfg, autocast=None):
     from ..backbones import get_model
     return get_model(cfg.network, dropout=0.0, fp16=cfg.fp16 if autocast is None else autocast,
                      num_features=cfg.embedding_size, input_size=cfg.input_size, **dict(cfg.network_kwargs))
+
+
+def optimizer_kind(state):
+    """'sgd' or 'adamw' from an optimizer state_dict (checkpoints of earlier versions do not name it), or None."""
+    for entry in (state or {}).get("state", {}).values():
+        if "exp_avg" in entry:
+            return "adamw"
+        if "momentum_buffer" in entry:
+            return "sgd"
+    return None
 
 
 def build_optimizer(cfg, student_params, pfc):
@@ -55,10 +66,18 @@ class Trainer:
         self.device = pick_device(cfg)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.rank, self.world_size = D.init_distributed(cfg.dist_backend, self.device.type)
+        self.rank, self.world_size = D.init_distributed(cfg.dist_backend, self.device.type, cfg.dist_timeout)
         seed_everything(cfg.seed)
         self.log = init_logging(self.rank, cfg.output)
         os.makedirs(cfg.output, exist_ok=True)
+        if self.rank == 0:
+            for name in remove_orphans(cfg.output):
+                self.log.warning(f"removed {os.path.join(cfg.output, name)}, left by a checkpoint write that was killed")
+            if cfg.save_every_steps and not cfg.save_all_states:
+                self.log.warning(f"save_every_steps={cfg.save_every_steps} writes only model.pt while save_all_states="
+                                 "False: nothing resumable; set save_all_states=True to be able to resume")
+        self.last_good = None  # (path, global step) of the newest checkpoint worth resuming from
+        self._probe = None     # the last micro-batch, to check that the weights about to be saved are sound
         self.threads = configure_threads(cfg.num_threads, D.get_local_world_size())
         self.autocast, self.precision_note = autocast_for(cfg.fp16, self.device)
         if self.device.type == "cuda":
@@ -96,8 +115,7 @@ class Trainer:
         self.wandb = WandbRun.start(cfg, self.rank)
 
         self.start_epoch, self.start_batch, self.global_step = 0, 0, 0
-        if cfg.resume:
-            self._resume()
+        rng = self._resume() if cfg.resume else None
 
         self.writer = None
         if self.rank == 0 and cfg.tensorboard:
@@ -121,6 +139,8 @@ class Trainer:
             if m3 > 0 and (m1 != 1 or m2 != 0):
                 self.log.warning(f"margin_list {tuple(cfg.margin_list)}: this engine applies cos(m1*theta + m2) - m3; "
                                  "arcface_torch would apply only the CosFace margin m3 and ignore m1 and m2")
+        # Last, so that nothing built during set-up (a teacher's random init, say) shifts the restored streams.
+        set_rng_state(rng)
 
     def _wrap(self, module):
         if self.world_size == 1:
@@ -146,29 +166,57 @@ class Trainer:
                                     input_size=cfg.input_size, batch_size=cfg.val_batch_size)
 
     def _resume(self):
-        ckpt = load_checkpoint(self.cfg.output, self.rank, self.world_size, self.cfg.num_classes)
-        path = checkpoint_path(self.cfg.output, self.rank)
+        """Restore every state from this rank's checkpoint; returns the RNG states, set once set-up is done."""
+        cfg = self.cfg
+        ckpt = load_checkpoint(cfg.output, self.rank, self.world_size, cfg.num_classes, cfg.resume_unsafe_pickle)
+        path = checkpoint_path(cfg.output, self.rank)
+        saved = ckpt.get("optimizer") or optimizer_kind(ckpt["state_optimizer"])
+        if saved is not None and saved != cfg.optimizer:
+            raise CheckpointError(f"resume: {path} was trained with optimizer={saved!r} but the config says "
+                                  f"{cfg.optimizer!r}: its optimizer state does not fit another optimizer; set "
+                                  f"optimizer={saved!r}, or start afresh from its weights with pretrained_backbone")
         try:
             self.backbone.load_state_dict(ckpt["state_dict_backbone"])
             self.pfc.load_state_dict(ckpt["state_dict_softmax_fc"])
             self.optimizer.load_state_dict(ckpt["state_optimizer"])
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"resume: {path} does not match the configured network/optimizer: {exc}") from exc
         if ckpt.get("state_lr_scheduler"):
             self.lr_scheduler.load_state_dict(ckpt["state_lr_scheduler"])
+            self._apply_schedule_changes()
         self.precision.load_state_dict(ckpt.get("state_grad_scaler"))
         self.plugins.load_state_dict(ckpt.get("state_plugins", {}), f"resume: {path}")
-        set_rng_state(ckpt.get("rng"))
         self.start_epoch = int(ckpt["epoch"])
         self.start_batch = int(ckpt.get("batch_in_epoch", 0))
         self.global_step = int(ckpt["global_step"])
         self.pfc.last_batch_size = 0
+        self.last_good = (path, self.global_step)
         self.log.info(f"resumed from {path}: epoch {self.start_epoch}, batch {self.start_batch}, "
                       f"global step {self.global_step}")
+        return ckpt.get("rng")
+
+    def _apply_schedule_changes(self):
+        """A resume whose config changed lr, num_epoch or max_steps follows the new values from here on, and says
+        so (the saved scheduler would silently keep the old curve)."""
+        sched, new = self.lr_scheduler, self.schedule
+        old = (sched.base_lrs[0], sched.warmup_iters, sched.total_iters)
+        now = (float(self.cfg.lr), new.warmup_step, max(new.total_step, 1))
+        if old == now:
+            return
+        sched.retarget(*now)
+        self.log.warning(f"resume: the config changes the schedule (lr {old[0]} -> {now[0]}, warmup steps {old[1]} -> "
+                         f"{now[1]}, total steps {old[2]} -> {now[2]}); continuing from step {sched.last_epoch} "
+                         f"on the new curve (lr now {sched.get_last_lr()[0]:.6g})")
 
     # ------------------------------------------------------------------ saving
     def save(self, epoch, batch_in_epoch):
+        """A checkpoint generation of every rank, and model.pt; only of weights that are sound (see _sound)."""
         cfg = self.cfg
+        if not self._sound():
+            raise TrainingDiverged(
+                f"training diverged: after global step {self.global_step} the weights are not finite or give a "
+                f"non-finite loss, so they were not saved; {self._last_good_text()}. Try a lower lr, "
+                "clip_grad_norm > 0, or fp16=False")
         if cfg.save_all_states:
             state = {
                 "epoch": epoch, "global_step": self.global_step, "batch_in_epoch": batch_in_epoch,
@@ -180,11 +228,41 @@ class Trainer:
                 "state_plugins": self.plugins.state_dict(),
                 "rng": rng_state(),
                 "world_size": self.world_size, "num_classes": cfg.num_classes, "network": cfg.network,
+                "optimizer": cfg.optimizer,
             }
-            atomic_save(state, checkpoint_path(cfg.output, self.rank))
+            save_generation(state, cfg.output, self.rank, self.global_step)
+            self.last_good = (checkpoint_path(cfg.output, self.rank), self.global_step)
         if self.rank == 0:
             atomic_save(self.backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
         D.barrier()
+
+    def _sound(self):
+        """Finite parameters, and a finite embedding and margin loss on the last micro-batch in eval mode (no
+        statistics change): weights a step has blown up to 1e28 are finite but give NaN at once, and a
+        checkpoint of them would only diverge again on resume. Collective: every rank decides alike."""
+        params = list(self.backbone.parameters()) + list(self.pfc.parameters()) + \
+            [p for m in self.plugins.trainable for p in m.parameters()]
+        bad = not all(bool(torch.isfinite(p).all()) for p in params)
+        if self._probe is not None:
+            images, labels = self._probe
+            training = self.backbone.training
+            self.backbone.eval()
+            try:
+                with torch.no_grad():
+                    emb = self.backbone(images)
+                    loss = self.pfc(emb, labels, step=0)
+            finally:
+                self.backbone.train(training)
+            bad = bad or not (bool(torch.isfinite(emb).all()) and bool(torch.isfinite(loss)))
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        return D.all_reduce_max(flag).item() == 0
+
+    def _last_good_text(self):
+        if self.last_good is not None:
+            return f"the last good checkpoint is {self.last_good[0]} (global step {self.last_good[1]})"
+        if not self.cfg.save_all_states:
+            return "no resumable checkpoint exists (save_all_states=False)"
+        return "no checkpoint has been written yet"
 
     # ------------------------------------------------------------------ loop
     def train(self):
@@ -232,6 +310,7 @@ class Trainer:
         """Forward and backward of micro-batch `micro` of this optimizer step; returns the plugins' view of it."""
         acc = self.schedule.gradient_acc
         images = batch.images.contiguous(memory_format=self.memory_format)
+        self._probe = (images, batch.labels)
         with self._sync_unless(micro == acc - 1):
             embeddings = self.ddp(images)
             step_batch = StepBatch(images=images, labels=batch.labels, embeddings=embeddings,
@@ -290,10 +369,9 @@ class Trainer:
             parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise TrainingDiverged(
                 f"loss is not finite at global step {self.global_step} ({parts}); training stopped before the "
-                f"update, the last checkpoint in {self.cfg.output} is intact. Try a lower lr, fp16=False, or "
-                "clip_grad_norm > 0")
+                f"update; {self._last_good_text()}. Try a lower lr, fp16=False, or clip_grad_norm > 0")
 
-    def close(self):
+    def close(self, failed=False):
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         if getattr(self, "wandb", None) is not None:
@@ -301,13 +379,20 @@ class Trainer:
         self.ddp = None
         if getattr(self, "plugins", None) is not None:
             self.plugins.detach()
-        D.teardown()
+        D.teardown(failed)
 
 
 def train(cfg, train_loader=None):
     trainer = Trainer(cfg, train_loader)
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException as exc:
+        trainer.close(failed=True)
+        if D.is_timeout(exc):
+            raise DistributedError(
+                f"rank {D.get_rank()}: a collective did not complete within dist_timeout={cfg.dist_timeout} s at "
+                f"global step {getattr(trainer, 'global_step', 0)}: another rank has stopped, died or fallen far "
+                f"behind ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise
+    trainer.close()
     return trainer
