@@ -9,6 +9,7 @@ import argparse
 import io
 import os
 import pickle
+import random
 import shutil
 import struct
 
@@ -21,7 +22,6 @@ from arcface.backbones import get_model, load_backbone_weights
 from arcface.data.datasets import RecordDataset
 from arcface.data.layout import read_layout
 from arcface.data.recordio import IndexedRecordIO, IRHeader, RecordIO, pack, read_index
-from arcface.engine.checkpoint import atomic_save, rng_state
 from arcface.errors import CheckpointError, DataError
 from arcface.eval.embedder import build_network
 from arcface.eval.verification import load_bin
@@ -166,15 +166,17 @@ def tiny_model(seed=0):
 
 
 def training_checkpoint(model, path, **extra):
-    """What Trainer.save writes: upstream's keys plus RNG states (numpy arrays inside) and plugin states."""
+    """What Trainer.save wrote: upstream's keys plus plugin states and RNG states with numpy's as a numpy array
+    (checkpoints of earlier versions hold them so, whatever the trainer writes now)."""
     state = {"epoch": 1, "global_step": 10, "batch_in_epoch": 0,
              "state_dict_backbone": model.state_dict(),
              "state_dict_softmax_fc": {"weight": torch.zeros(4, 16)},
              "state_optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
              "state_lr_scheduler": {"base_lrs": [0.1], "last_epoch": 10},
-             "state_plugins": {}, "rng": rng_state(), "world_size": 1, "num_classes": 4, "network": "r18"}
+             "state_plugins": {}, "world_size": 1, "num_classes": 4, "network": "r18",
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
     state.update(extra)
-    atomic_save(state, path)
+    torch.save(state, path)
     return str(path)
 
 
