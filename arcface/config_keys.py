@@ -9,7 +9,8 @@ never silently trains with a default. Plugin sections (e.g. `kd`) are documented
 # Keys of insightface arcface_torch's base.py and job files, same names and meanings.
 UPSTREAM_KEYS = {
     "margin_list": "(m1, m2, m3) of CombinedMarginLoss: (1.0, 0.5, 0.0) ArcFace, (1.0, 0.0, 0.4) CosFace",
-    "network": "backbone name for arcface.backbones.get_model: r18 r34 r50 r100 r200 mbf mbf_large",
+    "network": "backbone name for arcface.backbones.get_model: r18 r34 r50 r100 r200 mbf mbf_large vit_t "
+               "vit_t_dp005_mask0 vit_s vit_s_dp005_mask_0 vit_b vit_b_dp005_mask_005 vit_l_dp005_mask_005 vit_h",
     "resume": "continue from <output>/checkpoint_gpu_<rank>.pt at the saved epoch and step",
     "save_all_states": "write per-rank checkpoint_gpu_<rank>.pt (needed for resume)",
     "output": "output folder; None means work_dirs/<config file name>",

@@ -10,8 +10,9 @@ branch is skipped per sample with a probability rising linearly over depth (drop
 Departures from upstream; none changes a weight, so files load strictly both ways:
 - `fp16` switches autocast on (bf16 on CPU); upstream's blocks autocast on CUDA whatever `fp16` says.
   Attention scores and softmax stay float32 as upstream, and so does the head: the embedding is float32.
-- The variant's own mask ratio is applied. Upstream's forward calls its masking with the 0.1 default, so
-  its `*_mask_005` models drop 10 % of the tokens in training, not the 5 % their names say.
+Kept as upstream, on purpose: its forward calls the masking with its 0.1 default, so every variant whose
+mask_ratio is above 0 (the `*_mask_005` ones included) drops 10 % of the tokens in training, whatever its name
+says; a model trained here trains as it would there. `mask_ratio` only switches masking on or off.
 - `input_size` and `width` give small models: patches of input_size // 13 + 1 pixels (9 at 112: upstream's
   12 x 12 grid, its last 4 pixel rows and columns unused; never more than 12 tokens a side) and embed_dim
   times width. `dropout` is upstream's drop_rate (after the position embedding, attention and MLP).
@@ -30,6 +31,9 @@ MAX_GRID = 12          # tokens per side at most: upstream's 112 px / 9 px patch
 NUM_HEADS = 8          # every upstream variant
 MLP_RATIO = 4
 HEAD_BN_EPS = 2e-5
+
+
+UPSTREAM_TRAIN_MASK_RATIO = 0.1  # what upstream's forward masks with whenever mask_ratio > 0
 
 
 @dataclass(frozen=True)
@@ -198,8 +202,8 @@ class VisionTransformer(nn.Module):
         return self
 
     def tokens_kept(self):
-        """Tokens that survive masking in training: upstream's int(L * (1 - ratio))."""
-        return int(self.num_patches * (1 - self.mask_ratio))
+        """Tokens that survive masking in training: upstream's int(L * (1 - 0.1)) (see the module docstring)."""
+        return int(self.num_patches * (1 - UPSTREAM_TRAIN_MASK_RATIO))
 
     def forward(self, x):
         check_input(x, self.input_size, type(self).__name__)
