@@ -73,3 +73,9 @@ def test_cli_errors_name_the_option(capsys):
     assert "--network-kwargs must be a JSON object" in capsys.readouterr().err
     assert flops.main(["r51"]) == 2
     assert "unknown backbone 'r51'; did you mean 'r50'?" in capsys.readouterr().err
+
+
+def test_network_may_be_given_as_an_option_like_the_other_tools(capsys):
+    assert flops.main(["--network", "mbf", "--input-size", "32"]) == 0
+    assert capsys.readouterr().out.startswith("mbf at 32x32")
+    assert flops.main(["r18", "--network", "mbf"]) == 2  # two different networks: a clear error, not a guess

@@ -85,12 +85,17 @@ def count_parameters(model):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="parameters and multiply-adds (FLOPs) of a backbone")
-    p.add_argument("network", nargs="?", default="r50", help="get_model name: r18 r34 r50 r100 r200 mbf ...")
+    p = argparse.ArgumentParser(description="parameters and multiply-adds (FLOPs) of a backbone", allow_abbrev=False)
+    p.add_argument("network", nargs="?", default=None, help="get_model name: r18 r34 r50 r100 r200 mbf vit_t ... "
+                   "(default r50)")
+    p.add_argument("--network", dest="network_option", default=None, help="the same, as the other tools spell it")
     p.add_argument("--input-size", default=112, type=int, help="side of the square input image")
     p.add_argument("--network-kwargs", default="{}", help='extra get_model keywords as JSON, e.g. \'{"width": 0.5}\'')
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
+    if args.network and args.network_option and args.network != args.network_option:
+        raise ConfigError(f"two networks given: {args.network} and --network {args.network_option}")
+    args.network = args.network or args.network_option or "r50"
     if args.input_size < 1:
         raise ConfigError(f"--input-size must be >= 1, got {args.input_size}")
     try:
