@@ -332,3 +332,121 @@ def test_template_subjects_refuse_a_template_with_two_subjects(tmp_path, split_d
     probe.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=f"template {first[0]} is listed with more than one SUBJECT_ID"):
         ijb_io.read_template_subjects(str(folder), "IJBC")
+
+
+# ------------------------------------------------------------------------------------------------- a whole study
+TINY_TEACHER = """
+import os, runpy
+config = runpy.run_path({student!r})["config"]
+config.network = "r18"
+config.network_kwargs = {{"width": 0.25}}
+config.embedding_size = 32
+config.batch_size = 16
+config.max_steps = 12
+config.num_workers = 0
+config.sampler = "random"
+"""
+
+TINY_STUDY = """
+study = dict(
+    student={student!r},
+    seeds=[0, 1],
+    primary="TAR@1e-2",
+    fars=[1e-1, 1e-2],
+    bootstrap=100,
+    data=dict(folder={data!r},
+              make_synthetic=dict(num_ids=16, per_id=4, size=16, seed={seed}, val_ids=8, pairs=40, ijb_ids=12,
+                                  ijb_templates=3, ijb_media=1, ijb_frames=1, ijb_impostor_ratio=10,
+                                  val_name="val.bin", val_ijb_name="IJBV", ijb_bin_pairs=40, ijb_bin_name="test.bin"),
+              val=dict(ijb="IJBV", bin="val.bin"),
+              test=dict(ijb="IJBC", bin="test.bin")),
+    teacher={teacher},
+    train=dict(batch_size=16, max_steps=4, frequent=1),
+    methods=[
+        dict(name="no KD", baseline=True),
+        dict(name="FC", baseline=True, losses={{"fc": {{"weight": 1.0}}}}, grid={{"fc.weight": [1, 10]}}),
+    ],
+)
+"""
+
+
+def _tiny_study(tmp_path, name, data, teacher, seed=0):
+    student = tmp_path / "student.py"
+    if not student.exists():
+        student.write_text(f"import runpy\nconfig = runpy.run_path({str(ROOT / 'configs' / 'study_student.py')!r})"
+                           "['config']\nconfig.input_size = 16\n")
+        (tmp_path / "teacher.py").write_text(TINY_TEACHER.format(student=str(student)))
+    path = tmp_path / f"{name}.py"
+    path.write_text(TINY_STUDY.format(student=str(student), data=str(data), teacher=teacher, seed=seed))
+    return str(path)
+
+
+def _mtimes(out):
+    return {str(p): p.stat().st_mtime_ns for p in Path(out, "runs").rglob("result.json")}
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end(tmp_path, monkeypatch, capsys):
+    """A whole study in about a minute: the outputs, a restart that trains nothing, a killed run continued, a
+    failed run recorded while the rest goes on, and a teacher cache of other data refused before any training."""
+    from plugins.ukd.study import commands
+    from plugins.ukd.tools.kd_study import main
+
+    monkeypatch.chdir(tmp_path)
+    study = _tiny_study(tmp_path, "tiny", tmp_path / "data", f"dict(config={str(tmp_path / 'teacher.py')!r})")
+    out = str(tmp_path / "out")
+    real_train = commands.train_command
+
+    def failing_for_one_run(config, overrides, nproc=1):  # a run whose training crashes, however well checked
+        if overrides.get("kd.losses") == {"fc": {"weight": 10}} and overrides["seed"] == 1:
+            return [sys.executable, "-c", "import sys; print('RuntimeError: simulated crash'); sys.exit(3)"]
+        return real_train(config, overrides, nproc)
+
+    monkeypatch.setattr(commands, "train_command", failing_for_one_run)
+    assert main([study, "--out", out, "--jobs", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("] no KD default seed") == 2 and "FC fc.weight=1 seed 0: val TAR@1e-2" in printed
+    assert "FC fc.weight=10 seed 1: FAILED in train (exit 3)" in printed and "simulated crash" in printed
+
+    summary = json.loads(Path(out, "summary.json").read_text())
+    assert summary["primary"] == "TAR@1e-2" and summary["best_baseline"] in ("no KD", "FC")
+    fc = summary["methods"]["FC"]
+    assert fc["best_weights"] == {"fc.weight": 1}  # the point with a failed seed cannot be chosen
+    for name in ("no KD", "FC"):
+        entry = summary["methods"][name]
+        for metric in ("TAR@1e-1", "TAR@1e-2", "accuracy"):
+            stat = entry["test"][metric]
+            assert 0 <= stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1] <= 1 or stat["ci95"][0] < 0
+        diff = entry["vs_best_baseline"]["TAR@1e-2"]
+        assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1] or diff["ci95"] == [0.0, 0.0]
+    assert summary["methods"][summary["best_baseline"]]["vs_best_baseline"]["TAR@1e-2"]["mean"] == 0
+    assert [f["run"] for f in summary["runs"]["failed"]] == ["FC fc.weight=10 seed 1"]
+    assert summary["teacher"]["test"]["TAR@1e-2"] is not None
+    for name in ("summary.md", "primary_vs_weight.png", "roc_test.png"):
+        assert Path(out, name).stat().st_size > 0
+    assert "| FC (baseline) | fc.weight=1 |" in Path(out, "summary.md").read_text()
+
+    # started again: every run is finished or failed, nothing trains
+    before = _mtimes(out)
+    assert main([study, "--out", out, "--no-progress"]) == 0
+    assert "6 of 6 runs already finished" in capsys.readouterr().out and _mtimes(out) == before
+
+    # a run killed mid-way (no result.json) is trained again, alone; a failed one only with --retry-failed
+    killed = Path(out, "runs", "no-kd", "default", "seed1", "result.json")
+    killed.unlink()
+    monkeypatch.setattr(commands, "train_command", real_train)
+    assert main([study, "--out", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 of 6 runs already finished" in printed and "[6/6] no KD default seed 1: val" in printed
+    assert main([study, "--out", out, "--no-progress", "--retry-failed"]) == 0
+    assert "[6/6] FC fc.weight=10 seed 1: val" in capsys.readouterr().out
+    assert json.loads(Path(out, "summary.json").read_text())["runs"]["failed"] == []
+
+    # the same teacher's cache offered for another data set: refused before any student is trained
+    other = _tiny_study(tmp_path, "other", tmp_path / "other_data",
+                        f"dict(weights={str(Path(out, 'teacher', 'train', 'model.pt'))!r}, network='r18', "
+                        f"network_kwargs={{'width': 0.25}}, embedding_size=32, "
+                        f"cache={str(Path(out, 'teacher', 'teacher.tcache'))!r})", seed=5)
+    assert main([other, "--out", str(tmp_path / "out_other"), "--no-progress"]) == 2
+    assert "built for another data set" in capsys.readouterr().err
+    assert not Path(tmp_path, "out_other", "runs").exists()

@@ -34,6 +34,10 @@ def build_parser():
     p.add_argument("--ijb-frames", type=int, default=3, help="at most this many images per media")
     p.add_argument("--ijb-impostor-ratio", type=int, default=20, help="impostor template pairs per genuine pair")
     p.add_argument("--ijb-difficulty", type=float, default=0.6)
+    p.add_argument("--val-ijb-name", default="", help="also an IJB-style folder of the --val-ids identities, its meta "
+                   "files named like --ijb-name's (a validation split in the test's format; empty = none)")
+    p.add_argument("--ijb-bin-pairs", type=int, default=0, help="also .bin pairs of the IJB identities (0 = none)")
+    p.add_argument("--ijb-bin-name", default="", help="file name of those pairs, e.g. test.bin")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
     p.add_argument("--force", action="store_true", help="regenerate even when the manifest matches")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,7 +64,8 @@ def main(argv=None):
                       hard_pairs=args.hard_pairs, hard_name=args.hard_name, ijb_ids=args.ijb_ids,
                       ijb_name=args.ijb_name, ijb_templates=args.ijb_templates, ijb_media=args.ijb_media,
                       ijb_frames=args.ijb_frames, ijb_impostor_ratio=args.ijb_impostor_ratio,
-                      ijb_difficulty=args.ijb_difficulty)
+                      ijb_difficulty=args.ijb_difficulty, val_ijb_name=args.val_ijb_name,
+                      ijb_bin_pairs=args.ijb_bin_pairs, ijb_bin_name=args.ijb_bin_name)
         if not args.force and manifest_matches(args.out, dataset_spec(**kwargs)):
             print(f"{args.out}: manifest matches, nothing to do (--force regenerates)")
             return 0

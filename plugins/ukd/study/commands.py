@@ -68,10 +68,11 @@ def make_synthetic_command(out, options):
     return python_tool("make_synthetic", *args)
 
 
-def evaluate_command(model, network, network_kwargs, input_size, splits, out, batch_size=256):
+def evaluate_command(model, network, network_kwargs, input_size, splits, out, fars, batch_size=256):
     import json
     args = ["--model", model, "--network", network, "--network-kwargs", json.dumps(network_kwargs or {}),
-            "--input-size", input_size, "--out", out, "--batch-size", batch_size]
+            "--input-size", input_size, "--out", out, "--batch-size", batch_size,
+            "--fars", ",".join(repr(float(f)) for f in fars)]
     for name, folder in splits.items():
         args += ["--split", f"{name}={folder}"]
     return python_tool("evaluate_run", *args)

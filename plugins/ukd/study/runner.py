@@ -120,7 +120,7 @@ class StudyRunner:
         self.log(f"splits ready in {time.time() - started:.0f} s: " + "; ".join(
             f"{name} {_counts(path)}" for name, path in splits.items()))
         teacher_metrics = study_teacher.evaluate_teacher(teacher, splits, self.out, self.launcher,
-                                                         self.threads * self.jobs)
+                                                         self.threads * self.jobs, study.fars)
         self.log("teacher: " + _metric_line(teacher_metrics, study))
         runs = plan(study, self.out, rec, study_teacher.kd_teacher_overrides(teacher, cache))
         validate_runs(study, runs)
@@ -177,7 +177,8 @@ class StudyRunner:
         lock = threading.Lock()
         pool = ThreadPoolExecutor(max_workers=self.jobs)
         try:
-            pending = {pool.submit(execute_run, run, self.launcher, self.threads, self.student, splits): run
+            pending = {pool.submit(execute_run, run, self.launcher, self.threads, self.student, splits,
+                                   self.study.fars): run
                        for run in todo}
             finished = skipped
             while pending:

@@ -11,7 +11,9 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,6 +80,27 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def _load_prctl():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None  # loaded here: the child must not import
+
+
+def _die_with_parent():
+    """In the child, before exec: ask Linux to send SIGTERM when the study dies, even by SIGKILL, so that no
+    orphaned training keeps writing into a run folder the restarted study is about to clear."""
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Interrupted(Exception):
+    """The study is stopping: a run cut short is left without result.json, so that it runs again next time."""
+
+
 class Launcher:
     """Runs subprocesses with a thread limit and a log file, and can stop them all (Ctrl-C, a killed study)."""
 
@@ -85,25 +108,33 @@ class Launcher:
         self.cwd = cwd
         self._live = set()
         self._lock = threading.Lock()
+        self.stopping = threading.Event()
 
     def __call__(self, cmd, log_path, threads):
+        if self.stopping.is_set():
+            raise Interrupted(str(cmd[0]))
         env = commands.thread_env(threads)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (commands.ROOT, env.get("PYTHONPATH")) if p)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(shlex.quote(str(c)) for c in cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent if _PRCTL is not None else None)
             with self._lock:
                 self._live.add(proc)
             try:
-                return proc.wait()
+                rc = proc.wait()
             finally:
                 with self._lock:
                     self._live.discard(proc)
+        if self.stopping.is_set():
+            raise Interrupted(str(cmd[0]))
+        return rc
 
     def stop_all(self):
         with self._lock:
+            self.stopping.set()
             live = list(self._live)
         for proc in live:
             proc.terminate()
@@ -127,14 +158,14 @@ def last_error_line(log_path):
     return lines[-1][-300:] if lines else ""
 
 
-def execute_run(run, launcher, threads, student, splits):
+def execute_run(run, launcher, threads, student, splits, fars):
     """Train and score one run; returns its result dict (also written to result.json)."""
     if os.path.isdir(run.folder):
         shutil.rmtree(run.folder)  # a killed run leaves a partial folder: start it over
     os.makedirs(run.folder)
     train_cmd = commands.train_command(student["config"], run.overrides)
     eval_cmd = commands.evaluate_command(run.path("train", "model.pt"), student["network"], student["network_kwargs"],
-                                         student["input_size"], splits, run.path("eval"))
+                                         student["input_size"], splits, run.path("eval"), fars)
     report.write_json(run.path("run.json"), dict(run.description(), train_command=train_cmd, eval_command=eval_cmd))
     result = {"status": "failed", "method": run.method.name, "point": run.point, "seed": run.seed}
     started = time.time()

@@ -104,15 +104,18 @@ def build_cache(study, teacher, rec_overrides, out, launcher, nproc):
     return path
 
 
-def evaluate_teacher(teacher, splits, out, launcher, threads):
+def evaluate_teacher(teacher, splits, out, launcher, threads, fars):
     """The teacher's metrics on the splits (scored once, like a student); result under out/teacher/eval."""
     folder = os.path.join(out, "teacher", "eval")
     metrics_file = os.path.join(folder, "metrics.json")
     if os.path.isfile(metrics_file) and os.path.getmtime(metrics_file) >= os.path.getmtime(teacher["weights"]):
         with open(metrics_file) as f:
-            return json.load(f)
+            stored = json.load(f)
+        from .evaluation import metric_name
+        if all(metric_name(far) in stored.get("test", {}) for far in fars):
+            return stored
     cmd = commands.evaluate_command(teacher["weights"], teacher["network"], teacher["network_kwargs"],
-                                    teacher["input_size"], splits, folder)
+                                    teacher["input_size"], splits, folder, fars)
     log = os.path.join(out, "teacher", "eval.log")
     if launcher(cmd, log, threads) != 0 or not os.path.isfile(metrics_file):
         raise DataError(f"scoring the teacher failed; see {log}: {last_error_line(log)}")

@@ -12,6 +12,7 @@ prepared splits, summary.json, summary.md, primary_vs_weight.png and roc_test.pn
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from arcface.cli import report_errors
@@ -51,8 +52,18 @@ def main(argv=None):
     if args.summary_only:
         runner.summarise()
         return 0
-    runner.run()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the running trainings as Ctrl-C does
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        print(f"interrupted: the runs cut short will start again when the same command is run again "
+              f"(finished ones are kept in {out})", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
