@@ -29,11 +29,14 @@ class FlatLinear(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
-if "flat_linear" not in BACKBONES:
-    BACKBONES.register("flat_linear")(FlatLinear)
+def register_network():
+    """In the training processes only: the registry of the test session stays the project's."""
+    if "flat_linear" not in BACKBONES:
+        BACKBONES.register("flat_linear")(FlatLinear)
 
 
 def config(output, teacher, batch):
+    register_network()
     cfg = base_config()
     cfg.update(dict(rec="synthetic", num_classes=8, num_image=96, network="flat_linear", embedding_size=DIM,
                     input_size=SIZE, batch_size=batch, lr=0.05, num_epoch=1, output=str(output), frequent=100,
@@ -48,6 +51,7 @@ def config(output, teacher, batch):
 
 def run(rank, world, port, output, teacher):
     from arcface.engine.trainer import train
+    register_network()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
