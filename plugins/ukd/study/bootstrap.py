@@ -20,7 +20,7 @@ import torch
 from arcface.errors import DataError
 from arcface.eval.metrics import tar_at_far_from_roc
 
-HEAD_FPR_FACTOR = 8.0
+HEAD_FPR_FACTOR = 4.0
 
 
 def _sorted_groups(scores):

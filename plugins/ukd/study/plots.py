@@ -29,6 +29,7 @@ def plot_primary_vs_weight(path, summary, study):
     fig = Figure(figsize=(11, 4.4))
     axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
     teacher = summary.get("teacher", {})
+    ticks = set()
     colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
                     "tab:olive", "tab:cyan", "tab:gray"] * 4)
     for method in study.methods:
@@ -46,7 +47,8 @@ def plot_primary_vs_weight(path, summary, study):
                 if not values:
                     continue
                 xs.append(total_weight(point_entry["point"], method))
-                stat = mean_ci95(values) if len(values) > 1 else {"mean": values[0], "ci95": [values[0]] * 2}
+                stat = mean_ci95(values, (0.0, 1.0)) if len(values) > 1 else {"mean": values[0],
+                                                                               "ci95": [values[0]] * 2}
                 ys.append(stat["mean"] * 100)
                 lo.append((stat["mean"] - stat["ci95"][0]) * 100)
                 hi.append((stat["ci95"][1] - stat["mean"]) * 100)
@@ -56,19 +58,37 @@ def plot_primary_vs_weight(path, summary, study):
             xs, ys = np.asarray(xs)[order], np.asarray(ys)[order]
             err = np.asarray([np.asarray(lo)[order], np.asarray(hi)[order]])
             ax.errorbar(xs, ys, yerr=err, color=colour, marker="o", ms=4, lw=1, capsize=3, label=method.name)
+            if len({p for axis in method.grid for p in axis.paths}) > 1:  # several weights: say which point is which
+                labels = [_short(point_entry["point"]) for point_entry in entry["grid"]
+                          if _values(summary, method, point_entry, split, primary)]
+                for x, y, text in zip(xs, ys, np.asarray(labels)[order]):
+                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
             if entry.get("best_weights") is not None:
                 chosen = total_weight(entry["best_weights"], method)
                 ax.plot([chosen], [ys[list(xs).index(chosen)]], marker="*", ms=14, color=colour, ls="none")
+            ticks.update(float(x) for x in xs)
+    from matplotlib.ticker import NullFormatter, NullLocator
+
     for ax, split in zip(axes, ("val", "test")):
         if primary in teacher.get(split, {}) and teacher[split][primary] is not None:
             ax.axhline(teacher[split][primary] * 100, color="black", ls=":", lw=1, label="teacher")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted(ticks))
+        ax.set_xticklabels([f"{t:g}" for t in sorted(ticks)], fontsize=8)
         ax.set_xlabel("total KD weight (sum of the terms' weights)")
         ax.set_ylabel(f"{primary} (%)")
         ax.set_title(f"{split}: mean and 95% interval over seeds" + ("  (* = chosen on val)" if split == "val" else ""))
         ax.grid(ls="--", lw=0.5)
     axes[0].legend(fontsize="small", loc="best")
     _save(fig, path)
+
+
+def _short(point):
+    """'30/3' for {'iled.weight': 30, 'rpsd.weight': 3}: the values in grid order."""
+    from .spec import format_value
+    return "/".join(format_value(v) for v in point.values())
 
 
 def _values(summary, method, point_entry, split, primary):
@@ -95,7 +115,8 @@ def plot_roc(path, curves, summary):
         suffix = f" [{primary} {value * 100:.1f}]" if value is not None else ""
         ax.plot(fpr, tpr, lw=1.2, ls=":" if name == "teacher" else "-", label=label + suffix)
     ax.set_xscale("log")
-    ax.set_xlim(1e-6, 1)
+    impostors = summary.get("data", {}).get("test", {}).get("impostor")
+    ax.set_xlim(max(1e-6, 1.0 / impostors) if impostors else 1e-6, 1)
     ax.set_ylim(0, 1)
     ax.grid(ls="--", lw=0.5)
     ax.set_xlabel("False accept rate")

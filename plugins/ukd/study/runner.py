@@ -11,7 +11,6 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from . import data as study_data
 from . import teacher as study_teacher
-from .evaluation import metric_name
 from .runs import Launcher, Run, check_existing, execute_run, progress_line, run_folder
 from .spec import point_label
 from .validation import check_run_config
@@ -171,7 +170,7 @@ class StudyRunner:
         skipped = len(runs) - len(todo)
         if skipped:
             self.log(f"{skipped} of {len(runs)} runs already finished (skipped)")
-        metrics = [metric_name(f) for f in self.study.fars] + (["accuracy"] if self.study.test.bin else [])
+        metrics = self.study.metric_names()
         bar = tqdm(total=len(runs), initial=skipped, desc="runs", unit="run", disable=not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
         lock = threading.Lock()

@@ -199,7 +199,7 @@ class Study:
     def metric_names(self):
         from .evaluation import metric_name
         names = [metric_name(f) for f in self.fars]
-        if self.val.bin and self.test.bin:
+        if self.test.bin:
             names.append("accuracy")
         return names
 
@@ -287,7 +287,7 @@ def load_study(path, quick=False, cwd=None):
     from .evaluation import metric_name
     metrics = [metric_name(f) for f in fars] + (["accuracy"] if val.bin and test.bin else [])
     primary = raw.get("primary", "TAR@1e-4")
-    if primary not in metrics:
+    if primary not in metrics:  # accuracy is reported with a test .bin, chosen on only with a val .bin too
         _fail(where, f"primary '{primary}' is not one of the study's metrics ({', '.join(metrics)}; 'accuracy' needs "
                      "a .bin in both splits, a TAR@FAR needs its FAR in 'fars')")
 

@@ -28,8 +28,9 @@ def t_quantile_975(df):
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
-def mean_ci95(values):
-    """{'mean', 'ci95': [lo, hi], 'sd', 'n', 'values'}: mean +- t(0.975, n-1) * sd / sqrt(n) over the values."""
+def mean_ci95(values, bounds=None):
+    """{'mean', 'ci95': [lo, hi], 'sd', 'n', 'values'}: mean +- t(0.975, n-1) * sd / sqrt(n) over the values;
+    `bounds` (lo, hi) clips the interval to the metric's range (a TAR interval never leaves [0, 1])."""
     values = [float(v) for v in values]
     if len(values) < 2:
         raise ConfigError(f"an interval over seeds needs at least 2 values, got {len(values)}")
@@ -37,4 +38,7 @@ def mean_ci95(values):
     mean = float(arr.mean())
     sd = float(arr.std(ddof=1))
     half = t_quantile_975(arr.size - 1) * sd / math.sqrt(arr.size)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "sd": sd, "n": int(arr.size), "values": values}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "ci95": [lo, hi], "sd": sd, "n": int(arr.size), "values": values}

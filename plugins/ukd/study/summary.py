@@ -27,7 +27,7 @@ def _interval(values):
     clean = [v for v in values if v is not None]
     if len(clean) < 2 or len(clean) != len(values):
         return None
-    out = mean_ci95(clean)
+    out = mean_ci95(clean, bounds=(0.0, 1.0))
     return {"mean": out["mean"], "ci95": out["ci95"], "sd": out["sd"], "values": out["values"]}
 
 

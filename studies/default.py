@@ -1,0 +1,56 @@
+# The default KD study: the plain student, the two classic instance-level baselines (L2, feature consistency) and
+# UKD (ILED + RPSD), each over a grid of weights, 3 seeds, on the unsaturated procedural benchmark of
+# docs/benchmarks.md ("KD study"). About 80 minutes on 2 CPU cores with --jobs 2, data and teacher included.
+#   python tools/kd_study.py studies/default.py --jobs 2
+#   python tools/kd_study.py studies/default.py --quick --jobs 2      # 2 methods x 2 weights x 2 seeds, minutes
+# New methods go into `methods` (any kd.losses dict with a grid), under the same budget, seeds and data.
+
+UKD_LOSSES = {"iled": {"weight": 1.0, "ratio": 0.25, "beta": 1.0},
+              "rpsd": {"weight": 1.0, "bank": 4096, "k_neg": 128}}
+
+study = dict(
+    name="default",
+    student="configs/study_student.py",     # quarter-width MobileFaceNet, 3 epochs (48k samples), P x K batches
+    seeds=[0, 1, 2],
+    primary="TAR@1e-4",
+    data=dict(
+        folder="data/study",
+        # 1000 training identities x 16 images at 32x32 (nuisance 0.7); validation: 1000 other people (IJB-style
+        # folder IJBV + 1000 .bin pairs); test: 4000 other people (IJB-style IJBC, 6M impostor pairs, + test.bin)
+        make_synthetic=dict(seed=0, num_ids=1000, per_id=16, size=32, difficulty=0.7, val_ids=1000, pairs=1000,
+                            val_name="val.bin", val_ijb_name="IJBV", ijb_ids=4000, ijb_name="IJBC",
+                            ijb_templates=3, ijb_media=2, ijb_frames=1, ijb_impostor_ratio=500, ijb_difficulty=0.7,
+                            ijb_bin_pairs=1000, ijb_bin_name="test.bin"),
+        val=dict(ijb="IJBV", target="IJBC", bin="val.bin"),
+        test=dict(ijb="IJBC", target="IJBC", bin="test.bin"),
+    ),
+    teacher=dict(config="configs/study_teacher.py"),   # half-width iResNet-34, 8 epochs, trained once
+    methods=[
+        dict(name="no KD", baseline=True),
+        dict(name="L2", baseline=True, losses={"l2": {"weight": 1.0}}, grid={"l2.weight": [3, 10, 30, 100]}),
+        dict(name="FC", baseline=True, losses={"fc": {"weight": 1.0}}, grid={"fc.weight": [10, 30, 100, 300]}),
+        dict(name="UKD", losses=UKD_LOSSES, grid={"iled.weight": [30, 100], "rpsd.weight": [3, 30]}),
+    ],
+)
+
+# --quick: a tiny version of everything (300 training identities, a 4-epoch teacher, 1-epoch students), FC and UKD at
+# two weights each (ILED = RPSD tied for UKD), 2 seeds: a check that the whole study runs (minutes), not a result
+quick = dict(
+    seeds=[0, 1],
+    bootstrap=200,
+    data=dict(
+        folder="data/study_quick",
+        make_synthetic=dict(seed=1, num_ids=300, per_id=8, size=32, difficulty=0.7, val_ids=200, pairs=200,
+                            val_name="val.bin", val_ijb_name="IJBV", ijb_ids=400, ijb_name="IJBC",
+                            ijb_templates=3, ijb_media=1, ijb_frames=1, ijb_impostor_ratio=100, ijb_difficulty=0.7,
+                            ijb_bin_pairs=200, ijb_bin_name="test.bin"),
+        val=dict(ijb="IJBV", target="IJBC", bin="val.bin"),
+        test=dict(ijb="IJBC", target="IJBC", bin="test.bin"),
+    ),
+    teacher=dict(config="configs/study_teacher.py", set={"num_epoch": 4}),
+    train=dict(num_epoch=2),
+    methods=[
+        dict(name="FC", baseline=True, losses={"fc": {"weight": 1.0}}, grid={"fc.weight": [30, 100]}),
+        dict(name="UKD", losses=UKD_LOSSES, grid={("iled.weight", "rpsd.weight"): [30, 100]}),
+    ],
+)
