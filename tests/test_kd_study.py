@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,7 +417,7 @@ def test_a_tiny_study_end_to_end(tmp_path, monkeypatch, capsys):
         entry = summary["methods"][name]
         for metric in ("TAR@1e-1", "TAR@1e-2", "accuracy"):
             stat = entry["test"][metric]
-            assert 0 <= stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1] <= 1 or stat["ci95"][0] < 0
+            assert 0 <= stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1] <= 1  # clipped to the metric's range
         diff = entry["vs_best_baseline"]["TAR@1e-2"]
         assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1] or diff["ci95"] == [0.0, 0.0]
     assert summary["methods"][summary["best_baseline"]]["vs_best_baseline"]["TAR@1e-2"]["mean"] == 0
@@ -424,7 +425,7 @@ def test_a_tiny_study_end_to_end(tmp_path, monkeypatch, capsys):
     assert summary["teacher"]["test"]["TAR@1e-2"] is not None
     for name in ("summary.md", "primary_vs_weight.png", "roc_test.png"):
         assert Path(out, name).stat().st_size > 0
-    assert "| FC (baseline) | fc.weight=1 |" in Path(out, "summary.md").read_text()
+    assert re.search(r"\| FC \(baseline\) +\| fc\.weight=1 +\|", Path(out, "summary.md").read_text())
 
     # started again: every run is finished or failed, nothing trains
     before = _mtimes(out)
