@@ -120,7 +120,7 @@ def pfc_job(args, rank, world, device):
     import numpy as np
 
     from arcface.engine import distributed as D
-    D.init_distributed(args.backend, device.type, timeout_s=90)
+    D.init_distributed(args.backend, device.type, timeout_s=40)
     data = pfc_data(world)
     arrays = {}
     for case, (rate, step) in PFC_CASES.items():
@@ -158,7 +158,7 @@ def train_config(output, teacher, backend, device_type, fp16, batch):
     cfg.update(rec="synthetic", num_classes=CLASSES, network="device_check_flat", embedding_size=DIM,
                input_size=SIZE, batch_size=batch, lr=0.05, num_epoch=1, output=str(output), frequent=100,
                tensorboard=False, save_all_states=True, seed=3, num_workers=0, val_targets=[], device=device_type,
-               dist_backend=backend, dist_timeout=90, fp16=bool(fp16))
+               dist_backend=backend, dist_timeout=60, fp16=bool(fp16))
     cfg.kd.update(enabled=True, teacher_network="device_check_flat", teacher_weights=str(teacher),
                   teacher_embedding_size=DIM, teacher_check=False,
                   losses={"iled": {"weight": 2.0, "ratio": 0.25}, "fc": {"weight": 1.0},

@@ -108,7 +108,7 @@ def dist_partial_fc(ctx, rec):
     out = ctx.path("dist", "pfc", "")
 
     def run(backend, nproc, share):
-        return launch(ctx, "pfc", backend, nproc, share, out, limit=90)
+        return launch(ctx, "pfc", backend, nproc, share, out, limit=45 if share and backend == "nccl" else 75)
 
     backend, nproc, share, _ = find_backend(ctx, rec, "pfc", run)
     device = ctx.torch_device()

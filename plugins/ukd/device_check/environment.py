@@ -6,10 +6,13 @@ import subprocess
 from .core import check
 
 
-def _version(module):
+def _version(module, distribution=None):
     try:
         mod = __import__(module, fromlist=["__version__"])
-        return getattr(mod, "__version__", "installed")
+        if hasattr(mod, "__version__"):
+            return mod.__version__
+        import importlib.metadata
+        return importlib.metadata.version(distribution or module)
     except Exception as exc:  # noqa: BLE001 - a broken install is a finding, not a crash
         return f"not importable ({type(exc).__name__}: {str(exc)[:80]})"
 

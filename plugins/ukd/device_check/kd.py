@@ -22,8 +22,10 @@ from .core import check
 # different convolution algorithms at different batch sizes, then the cache rounds unit vectors to float16
 TERMS_RTOL = {"cuda": 2e-2, "cpu": 1e-3}
 ROW_COSINE_MIN = 0.999
-GPU_CPU_COSINE_MIN = 0.998     # fp16 autocast teacher on the GPU vs float32 teacher on the CPU, per cached row
-GPU_CPU_NORM_RTOL = 2e-2
+# fp16 autocast teacher on the GPU vs float32 teacher on the CPU, per cached row (a BN-calibrated random r50 at 112
+# in float16 against float32, emulated on a CPU: cosine >= 0.99999, norms within 3e-4)
+GPU_CPU_COSINE_MIN = 0.999
+GPU_CPU_NORM_RTOL = 1e-2
 
 
 def teacher_spec(ctx):
@@ -193,12 +195,16 @@ def kd_cache_gpu_vs_cpu(ctx, rec):
     na, nb = np.asarray(a.norms, dtype=np.float64), np.asarray(b.norms, dtype=np.float64)
     cosine = (ua * ub).sum(axis=2)
     norm_rel = np.abs(na - nb) / np.maximum(np.abs(nb), 1e-12)
+    other = (ua * np.roll(ub, 1, axis=0)).sum(axis=2)  # each row against the next image's: what a mix-up would give
     rec.update(row_cosine_min=float(cosine.min()), row_cosine_mean=float(cosine.mean()),
                norm_rel_diff_max=float(norm_rel.max()), unit_component_max_abs_diff=float(np.abs(ua - ub).max()),
                device_views_per_s=round(2 * n / rec["device_build_s"], 1),
                cpu_views_per_s=round(2 * n / rec["cpu_build_s"], 1))
     rec.expect(np.isfinite(cosine).all() and cosine.min() >= GPU_CPU_COSINE_MIN,
                f"rows of the two caches: cosine down to {cosine.min():.5f} (< {GPU_CPU_COSINE_MIN})")
+    rec["other_image_cosine_max"] = float(other.max())
+    rec.expect(cosine.min() > other.max(), f"a row is closer to another image's row ({other.max():.5f}) than to its "
+               f"own ({cosine.min():.5f}): rows are mixed up")
     rec.expect(norm_rel.max() <= GPU_CPU_NORM_RTOL, f"norms differ by up to {norm_rel.max():.2e} "
                f"(> {GPU_CPU_NORM_RTOL})")
     rec.summary = (f"{2 * n} views: cosine >= {cosine.min():.5f}, norms within {norm_rel.max():.1e} "

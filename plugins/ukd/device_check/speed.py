@@ -349,6 +349,7 @@ def _time_partial_fc(ctx, rec, classes, batch, dim, repeat, device, times, peaks
         rec.expect(rate == 1.0 or sampled == pfc.num_sample, f"{classes}@{rate}: {sampled} centres sampled, "
                    f"{pfc.num_sample} expected")
         step()
+        pfc.weight.grad = emb.grad = None  # the base: centres and inputs, no gradients
         reset_peak(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         seconds = median(time_calls(step, device, repeat))

@@ -109,10 +109,16 @@ def training_check(ctx, rec, network, precision):
     else:
         ref, source = fp32_first_step(ctx, network, steps)
         diff = rel_diff(losses[0], ref)
-        rec.update(fp32_first_loss=ref, fp32_reference=source, first_step_rel_diff=diff,
-                   first_step_rtol=FIRST_STEP_RTOL[precision])
-        rec.expect(diff <= FIRST_STEP_RTOL[precision], f"first-step loss {losses[0]:.5f} vs float32 {ref:.5f}: "
-                   f"relative difference {diff:.2e} > {FIRST_STEP_RTOL[precision]}")
+        # the dtype that ran: fp16=True autocasts to bfloat16 on a CPU (a rehearsal), bf16 is patched in
+        ran = "bf16" if precision == "bf16" or "bfloat16" in trainer.precision_note else "fp16"
+        if not trainer.autocast:
+            ran = "fp32"
+        tol = FIRST_STEP_RTOL.get(ran, FIRST_STEP_RTOL["fp16"])
+        rec.update(autocast_dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "none"}[ran], fp32_first_loss=ref,
+                   fp32_reference=source, first_step_rel_diff=diff, first_step_rtol=tol)
+        rec.expect(ran != "fp32" or ctx.device != "cuda", "the trainer did not autocast on CUDA with fp16=True")
+        rec.expect(diff <= tol, f"first-step loss {losses[0]:.5f} vs float32 {ref:.5f}: relative difference "
+                   f"{diff:.2e} > {tol}")
     extra = f", first step vs fp32 {rec['first_step_rel_diff']:.1e}" if "first_step_rel_diff" in rec.numbers else ""
     rec.summary = (f"{network} {precision}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps of "
                    f"{batch}{extra}; {rec['precision']}")
