@@ -270,6 +270,7 @@ def run_in_process(checks, ctx, on_result):
                                               f"(+{IN_PROCESS_GRACE_S:.0f} s); the run was stopped", budget=budget)
             rest = skipped_records(checks[index + 1:], f"not run: {chk.name} hung and the run was stopped")
             on_result(hung, final=rest)
+            kill_registered(ctx)
             os._exit(1)
 
         thread = threading.Thread(target=watchdog, daemon=True)
@@ -300,6 +301,25 @@ def _kill_tree(proc):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         proc.wait(timeout=10)
+
+
+def register_process_group(ctx, pid):
+    """Note a process group a check started in a session of its own (torchrun and its workers), so that it is
+    killed with the check when the check is killed or its process dies."""
+    with open(ctx.path("events", "process_groups"), "a") as f:
+        f.write(f"{pid}\n")
+
+
+def kill_registered(ctx):
+    path = os.path.join(ctx.work, "events", "process_groups")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        pids = [int(line) for line in f if line.strip()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    os.remove(path)
 
 
 def _tail(path, chars=1500):
@@ -355,54 +375,53 @@ def run_isolated(checks, ctx, on_result):
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
                                         start_new_session=True, cwd=ctx.work)
-            offset, running, started = 0, None, 0.0
+            state = {"offset": 0, "running": None, "started": 0.0}
             by_name = {c.name: c for c in batch}
             finished = set()
-            while True:
-                events, offset = _read_events(events_path, offset)
+
+            def record(res, finished=finished):
+                finished.add(res["name"])
+                results.append(res)
+                on_result(res)
+
+            def consume(state=state, by_name=by_name, events_path=events_path, record=record):
+                events, state["offset"] = _read_events(events_path, state["offset"])
                 for event in events:
                     if event["event"] == "start":
-                        running, started = by_name[event["name"]], time.time()
+                        state["running"], state["started"] = by_name[event["name"]], time.time()
                     elif event["event"] == "result":
-                        finished.add(event["result"]["name"])
-                        running = None
-                        results.append(event["result"])
-                        on_result(event["result"])
+                        state["running"] = None
+                        record(event["result"])
+
+            while True:
+                consume()
                 code = proc.poll()
                 if code is not None:
-                    events, offset = _read_events(events_path, offset)
-                    for event in events:
-                        if event["event"] == "result":
-                            finished.add(event["result"]["name"])
-                            results.append(event["result"])
-                            on_result(event["result"])
-                            running = None
+                    consume()
+                    running = state["running"]
                     if running is not None:
-                        budget = running.budget(ctx.quick, ctx.budget_scale)
-                        res = result_record(running, "fail", f"its process died (exit status {code}) after "
-                                            f"{time.time() - started:.1f} s; log {log_path}: ...{_tail(log_path, 600)}",
-                                            seconds=time.time() - started, budget=budget)
-                        finished.add(running.name)
-                        results.append(res)
-                        on_result(res)
+                        took = time.time() - state["started"]
+                        record(result_record(running, "fail", f"its process died (exit status {code}) after "
+                                             f"{took:.1f} s; log {log_path}: ...{_tail(log_path, 600)}",
+                                             seconds=took, budget=running.budget(ctx.quick, ctx.budget_scale)))
                     elif not finished:
                         # ended before any check started (an import error, say): fail the first, retry the rest
-                        res = result_record(batch[0], "fail", f"its process ended at start-up (exit status {code}); "
-                                            f"log {log_path}: ...{_tail(log_path, 600)}")
-                        finished.add(batch[0].name)
-                        results.append(res)
-                        on_result(res)
+                        record(result_record(batch[0], "fail", f"its process ended at start-up (exit status "
+                                             f"{code}); log {log_path}: ...{_tail(log_path, 600)}"))
+                    kill_registered(ctx)
                     break
+                running = state["running"]
                 if running is not None:
                     budget = running.budget(ctx.quick, ctx.budget_scale)
-                    if time.time() - started > budget + ISOLATED_GRACE_S:
+                    took = time.time() - state["started"]
+                    if took > budget + ISOLATED_GRACE_S:
                         _kill_tree(proc)
-                        res = result_record(running, "fail", f"did not finish within its time budget of {budget:.0f} s "
-                                            f"and was killed; log {log_path}: ...{_tail(log_path, 400)}",
-                                            seconds=time.time() - started, budget=budget)
-                        finished.add(running.name)
-                        results.append(res)
-                        on_result(res)
+                        kill_registered(ctx)
+                        consume()  # a result written in the last moment wins
+                        if running.name not in finished:
+                            record(result_record(running, "fail", f"did not finish within its time budget of "
+                                                 f"{budget:.0f} s and was killed; log {log_path}: "
+                                                 f"...{_tail(log_path, 400)}", seconds=took, budget=budget))
                         break
                 time.sleep(0.1)
             batch = [c for c in batch if c.name not in finished]

@@ -14,7 +14,7 @@ import time
 
 from . import dist_worker as W
 from .common import load_json, save_json, tail, tensor_rel_diff
-from .core import Skip, _kill_tree, check, child_env
+from .core import Skip, _kill_tree, check, child_env, register_process_group
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4          # float32 shards sum in another order than one process
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5      # after the KD epoch, as tests/test_kd_engine_distributed.py
@@ -49,6 +49,7 @@ def launch(ctx, job, backend, nproc, share, out, extra=(), limit=150.0):
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        register_process_group(ctx, proc.pid)  # killed with this check if the check is killed
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

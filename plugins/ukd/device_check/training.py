@@ -78,6 +78,16 @@ def train_once(ctx, network, precision, steps, tag="run"):
     return trainer, history_losses(trainer), time.perf_counter() - start
 
 
+def logged_speeds(path):
+    """The 'Speed N samples/sec' figures of a training.log, in order."""
+    import re
+    try:
+        with open(path) as f:
+            return [float(v) for v in re.findall(r"Speed ([0-9.]+) samples/sec", f.read())]
+    except OSError:
+        return []
+
+
 def fp32_first_step(ctx, network, steps):
     """The float32 run's first-step loss: from this run's fp32 check when it ran, else from a 1-step run."""
     saved = load_json(ctx.path("train", f"{network}_fp32.json"))
@@ -100,6 +110,9 @@ def training_check(ctx, rec, network, precision):
                images_per_s_incl_setup=round(len(losses) * batch / max(seconds, 1e-9), 1))
     if trainer.precision.scale is not None:
         rec["grad_scale_final"] = trainer.precision.scale
+    speeds = logged_speeds(os.path.join(trainer.cfg.output, "training.log"))
+    if speeds:  # the trainer's own figure over its last `frequent` steps: loader and step together
+        rec["trainer_samples_per_s_last"] = speeds[-1]
     rec.require(len(losses) == steps, f"{len(losses)} of {steps} steps ran")
     rec.expect(finite(losses), f"non-finite losses: {losses}")
     rec.expect(falling(losses), f"the loss did not fall: first steps {losses[:3]}, last steps {losses[-3:]}")
