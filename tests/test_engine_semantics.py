@@ -178,3 +178,15 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     images, labels = make_data()
     with pytest.raises(ConfigError, match=r"using_wandb=True needs the wandb package: pip install 'ukd\[wandb\]'"):
         train(tiny_cfg(tmp_path, num_epoch=1, using_wandb=True), TensorLoader(images, labels, 8))
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from easydict import EasyDict as edict
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"local rank 1 has no GPU of its own: this machine shows 1 .*"
+                                          r"--nproc_per_node=1"):
+        device_module.pick_device(edict(device="cuda"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert device_module.pick_device(edict(device="auto")) == torch.device("cuda", 0)

@@ -18,7 +18,12 @@ def pick_device(cfg):
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available")
-        return torch.device("cuda", D.get_local_rank())
+        local, count = D.get_local_rank(), torch.cuda.device_count()
+        if local >= count:
+            raise ConfigError(f"local rank {local} has no GPU of its own: this machine shows {count} "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at "
+                              f"most {count} processes per machine (torchrun --nproc_per_node={count})")
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 

@@ -1,1 +1,2 @@
-"""The distillation plugin's command-line tools (console scripts `ukd-*`): cache_teacher, demo."""
+"""The distillation plugin's command-line tools (console scripts `ukd-*`): cache_teacher, demo, kd_study,
+device_check."""
