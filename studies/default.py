@@ -1,12 +1,20 @@
-# The default KD study: the plain student, the two classic instance-level baselines (L2, feature consistency) and
-# UKD (ILED + RPSD), each over a grid of weights, 3 seeds, on the unsaturated procedural benchmark of
-# docs/benchmarks.md ("KD study"). About 80 minutes on 2 CPU cores with --jobs 2, data and teacher included.
+# The default KD study: the plain student, the two classic instance-level baselines (L2, feature consistency), the
+# state-of-the-art FR distillation methods (EKD, CoupleFace, AdaDistill, ProxylessKD) and UKD (ILED + relational
+# RPSD; and FC + relational RPSD, to see what the relation term adds to the best instance loss), each over a grid of
+# weights, 3 seeds, on the unsaturated procedural benchmark of docs/benchmarks.md ("KD study"). About two hours on
+# 2 CPU cores with --jobs 2, data and teacher included.
 #   python tools/kd_study.py studies/default.py --jobs 2
 #   python tools/kd_study.py studies/default.py --quick --jobs 2      # 2 methods x 2 weights x 2 seeds, minutes
 # New methods go into `methods` (any kd.losses dict with a grid), under the same budget, seeds and data.
 
-UKD_LOSSES = {"iled": {"weight": 1.0, "ratio": 0.25, "beta": 1.0},
-              "rpsd": {"weight": 1.0, "bank": 4096, "k_neg": 128}}
+# RPSD in its relational form (student-student similarities matched to teacher-teacher ones over mined pairs,
+# student bank FIFO): the screening of docs/benchmarks.md ("UKD variants") put it ahead of the cross form
+RPSD = {"weight": 1.0, "relation": "student", "bank": 4096, "k_neg": 128}
+UKD_LOSSES = {"iled": {"weight": 1.0, "ratio": 0.25, "beta": 1.0}, "rpsd": RPSD}
+FC_RPSD_LOSSES = {"fc": {"weight": 1.0}, "rpsd": RPSD}
+# ProxylessKD's fixed centres from the study's own teacher cache (the study writes it there before any student runs;
+# the path is relative to the repository root, where the study is started, and assumes the default --out)
+STUDY_CACHE = "work_dirs/kd_study/default/teacher/teacher.tcache"
 
 study = dict(
     name="default",
@@ -27,9 +35,16 @@ study = dict(
     teacher=dict(config="configs/study_teacher.py"),   # half-width iResNet-34, 8 epochs, trained once
     methods=[
         dict(name="no KD", baseline=True),
-        dict(name="L2", baseline=True, losses={"l2": {"weight": 1.0}}, grid={"l2.weight": [3, 10, 30, 100]}),
-        dict(name="FC", baseline=True, losses={"fc": {"weight": 1.0}}, grid={"fc.weight": [10, 30, 100, 300]}),
-        dict(name="UKD", losses=UKD_LOSSES, grid={"iled.weight": [30, 100], "rpsd.weight": [3, 30]}),
+        dict(name="FC", baseline=True, losses={"fc": {"weight": 1.0}}, grid={"fc.weight": [30, 100, 300]}),
+        dict(name="L2", baseline=True, losses={"l2": {"weight": 1.0}}, grid={"l2.weight": [10, 30, 100]}),
+        dict(name="UKD", losses=UKD_LOSSES, grid={"iled.weight": [30, 100], "rpsd.weight": [100, 300]}),
+        dict(name="FC + RPSD", losses=FC_RPSD_LOSSES, grid={"fc.weight": [100], "rpsd.weight": [100, 300]}),
+        dict(name="EKD", losses={"ekd": {"weight": 1.0}}, grid={"ekd.weight": [1, 10, 100]}),
+        dict(name="CoupleFace", losses={"fc": {"weight": 100.0}, "mrd": {"weight": 1.0}},
+             grid={"mrd.weight": [3, 30]}),
+        dict(name="AdaDistill", losses={"adadistill": {"weight": 1.0}}, grid={"adadistill.hard_weighting": [True, False]}),
+        dict(name="ProxylessKD", losses={"proxyless": {"weight": 1.0, "teacher_cache": STUDY_CACHE}},
+             grid={"proxyless.weight": [1]}),
     ],
 )
 
