@@ -81,15 +81,17 @@ def loop_threshold(teacher_units, labels, keys_per_anchor, far):
 
 
 def loop_rpsd(student, teacher, labels, bank, k_neg, form, tau, w_pos, w_neg, relation, mining="hard",
-              threshold=None, far=1e-4):
-    """(loss, threshold used). Keys of anchor i: the other batch samples (teacher, live student, label), then the
-    bank entries (teacher, stored student, label)."""
+              threshold=None, far=1e-4, index=None):
+    """(loss, threshold used). Keys of anchor i: the other batch samples (other images: another dataset index when
+    given) (teacher, live student, label), then the bank entries (teacher, stored student, label). w_pos = 0: no
+    positive is mined."""
     n = len(student)
     s_units = [unit(student[j]) for j in range(n)]
     t_units = [unit(teacher[j]) for j in range(n)]
     keys_per_anchor = []
     for i in range(n):
-        keys = [(t_units[j], s_units[j], int(labels[j])) for j in range(n) if j != i]
+        keys = [(t_units[j], s_units[j], int(labels[j])) for j in range(n)
+                if j != i and (index is None or int(index[j]) != int(index[i]))]
         keys += [(t, s, label) for t, s, label in bank]
         keys_per_anchor.append(keys)
     if mining == "critical" and threshold is None:
@@ -102,7 +104,7 @@ def loop_rpsd(student, teacher, labels, bank, k_neg, form, tau, w_pos, w_neg, re
             b = dot(s_units[i], t_key)
             c = dot(s_units[i], s_key) if s_key is not None else None
             scored.append((a, b, c, label))
-        positives = [x for x in scored if x[3] == int(labels[i])]
+        positives = [x for x in scored if x[3] == int(labels[i]) and w_pos > 0]
         negatives = [x for x in scored if x[3] != int(labels[i])]
         if mining == "hard":
             negatives.sort(key=lambda x: -float(x[0].detach()))
@@ -146,6 +148,8 @@ CASES = [
     ("both", "kl", "critical", "fifo", 16, 12, 4, 1.0, 1.0),
     ("cross", "kl", "hard", "fifo", 16, 12, 4, 1.0, 1.0),         # the old form, now with one temperature
     ("cross", "mse", "critical", "momentum", 200, 12, 4, 1.0, 1.0),
+    ("student", "kl", "hard", "fifo", 16, 12, 4, 0.0, 1.0),       # w_pos = 0: positives neither mined nor counted
+    ("cross", "mse", "hard", "fifo", 0, 0, 3, 0.0, 1.0),
 ]
 
 
@@ -171,6 +175,28 @@ def test_golden_value_and_gradient(relation, form, mining, bank_update, bank, n_
         assert out.stats["threshold"] == pytest.approx(threshold, rel=1e-9)
     if bank_update == "momentum" and n_past:
         assert len(entries) == n_past - 8   # samples 104..111 are in the batch: their slots are left out
+    if w_pos == 0:
+        assert out.stats["pos_per_anchor"] == 0
+
+
+@pytest.mark.parametrize("relation,form", [("student", "mse"), ("cross", "kl"), ("both", "mse")])
+def test_a_repeated_image_is_the_anchor_itself_not_a_positive(relation, form):
+    """A P x K batch repeats an image when its identity has fewer than K: the copy is excluded by dataset index."""
+    student, teacher, _ = make_batch()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+    index = torch.tensor([5, 5, 7, 8, 9, 9, 10, 11])   # samples 0/1 and 4/5 are one image each, seen twice
+    loss = build_kd_loss("rpsd", bank=0, k_neg=3, relation=relation, form=form, tau=0.07)
+    out, grad = run_loss(loss, student, teacher, labels, index=index)
+    s = student.clone().requires_grad_(True)
+    ref, _ = loop_rpsd(s, teacher, labels, [], 3, form, 0.07, 1.0, 1.0, relation, index=index)
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(grad, s.grad, rtol=1e-8, atol=1e-12)
+    # only identity 1 has a true positive pair (two images): 2 of the 8 anchors have one positive each
+    assert out.stats["pos_per_anchor"] == pytest.approx(2 / 8)
+    without_index, _ = run_loss(build_kd_loss("rpsd", bank=0, k_neg=3, relation=relation, form=form, tau=0.07),
+                                student, teacher, labels)
+    assert without_index.stats["pos_per_anchor"] == pytest.approx(6 / 8)
 
 
 def test_critical_threshold_follows_an_ema_over_steps():

@@ -43,6 +43,15 @@ class KDBatch:
             self._cache["labels"] = all_gather_nograd(self.labels)
         return self._cache["labels"]
 
+    def gathered_index(self):
+        """Dataset indices of the whole global batch (rank order), or None when the loader gives none."""
+        if self.index is None:
+            return None
+        if "index" not in self._cache:
+            index = self.index.to(torch.int64)
+            self._cache["index"] = all_gather_nograd(index) if self.world_size > 1 else index
+        return self._cache["index"]
+
 
 @dataclass
 class KDOutput:

@@ -105,7 +105,8 @@ def relation_loss(form, target, pred, weight, used, count, tau):
 class RPSDLoss(KDLoss):
     """Match the student's pairwise similarities to the teacher's, on keys mined by the teacher.
 
-    For local anchor i the keys j are the other samples of the all-gathered batch plus the valid bank entries.
+    For local anchor i the keys j are the other samples of the all-gathered batch (other by dataset index when the
+    loader gives indices, so a repeated image is not its own positive) plus the valid bank entries.
     Target a_ij = <t^_i, t^_j> (teacher with teacher, no gradient); the student side is, by `relation`:
 
         'cross'   b_ij = <s^_i, t^_j>: the student against the teacher's keys. Since b_ij - a_ij =
@@ -141,7 +142,7 @@ class RPSDLoss(KDLoss):
                      the student's embedding of each entry.
         bank_momentum: bank_update='momentum': weight of the old entry when a sample is seen again (None = 0.5).
         tau: 'kl' temperature of both sides (0.1).
-        w_pos: weight of positive keys (1.0).
+        w_pos: weight of positive keys (1.0); 0 leaves positives out of the mined set altogether.
         w_neg: weight of negative keys, mined and random (1.0).
         min_bank: valid bank entries needed before the bank is used; before that, in-batch keys only
                   (None = k_neg).
@@ -251,6 +252,12 @@ class RPSDLoss(KDLoss):
         n_batch = keys.shape[0]
         anchors = torch.arange(batch.local_size, device=keys.device) + batch.offset
         valid = torch.arange(n_batch, device=keys.device)[None, :] != anchors[:, None]
+        index = batch.gathered_index()
+        if index is not None:
+            # a P x K batch may hold the same image twice (an identity with fewer than K images): the copy is the
+            # anchor itself, not a positive, whatever its position
+            index = index.to(keys.device)
+            valid &= index[None, :] != index[batch.offset:batch.offset + batch.local_size, None]
         bank_used = self._bank_in_use()
         if bank_used:
             bank_valid = self.bank.valid
@@ -265,7 +272,7 @@ class RPSDLoss(KDLoss):
     def _slots_of_batch(self, batch):
         if batch.index is None:
             raise missing_index_error()
-        index = all_gather_nograd(batch.index.to(torch.int64)) if batch.world_size > 1 else batch.index
+        index = batch.gathered_index()
         mask = torch.zeros(self.bank.size, dtype=torch.bool, device=self.bank.valid.device)
         index = index.to(mask.device)
         mask[index[(index >= 0) & (index < self.bank.size)]] = True
@@ -321,7 +328,9 @@ class RPSDLoss(KDLoss):
         a = teacher @ keys.t()                                  # [b, N], no gradient: mining needs every key
         stats = {}
         with torch.no_grad():
-            pos = positive_mask(batch.labels, key_labels, valid)
+            # w_pos = 0: positives are neither mined nor counted (their weight would zero them anyway, but they
+            # would still take slots, enter the KL's softmax and the per-anchor mean)
+            pos = positive_mask(batch.labels, key_labels, valid) if self.w_pos > 0 else torch.zeros_like(valid)
             cand = negative_candidates(batch.labels, key_labels, valid)
             if self.mining == "hard":
                 neg = hard_negative_mask(a, cand, self.k_neg)
