@@ -26,7 +26,7 @@ def plot_primary_vs_weight(path, summary, study):
     from .stats import mean_ci95
 
     primary = summary["primary"]
-    fig = Figure(figsize=(11, 4.4))
+    fig = Figure(figsize=(13.5, 4.6))
     axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
     teacher = summary.get("teacher", {})
     ticks = set()
@@ -75,14 +75,27 @@ def plot_primary_vs_weight(path, summary, study):
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(sorted(ticks))
-        ax.set_xticklabels([f"{t:g}" for t in sorted(ticks)], fontsize=8)
+        shown = readable_ticks(ticks)
+        ax.set_xticks(shown)
+        ax.set_xticklabels([f"{t:g}" for t in shown], fontsize=8)
         ax.set_xlabel("total KD weight (sum of the terms' weights)")
         ax.set_ylabel(f"{primary} (%)")
         ax.set_title(f"{split}: mean and 95% interval over seeds" + ("  (* = chosen on val)" if split == "val" else ""))
         ax.grid(ls="--", lw=0.5)
-    axes[0].legend(fontsize="small", loc="best")
+    # beside the plots, not over them: a study of a dozen methods fills the axes
+    axes[1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.subplots_adjust(left=0.06, right=0.8, wspace=0.22)
     _save(fig, path)
+
+
+def readable_ticks(values, min_ratio=1.5):
+    """The tick positions of a log axis, dropping any within min_ratio of the previous one kept (labels of 100 and
+    130 would print over each other)."""
+    shown = []
+    for value in sorted(v for v in values if v > 0):
+        if not shown or value / shown[-1] >= min_ratio:
+            shown.append(value)
+    return shown
 
 
 def _short(point):
