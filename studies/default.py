@@ -39,10 +39,19 @@ study = dict(
         dict(name="L2", baseline=True, losses={"l2": {"weight": 1.0}}, grid={"l2.weight": [10, 30, 100]}),
         dict(name="UKD", losses=UKD_LOSSES, grid={"iled.weight": [30, 100], "rpsd.weight": [100, 300]}),
         dict(name="FC + RPSD", losses=FC_RPSD_LOSSES, grid={"fc.weight": [100], "rpsd.weight": [100, 300]}),
-        dict(name="EKD", losses={"ekd": {"weight": 1.0}}, grid={"ekd.weight": [1, 10, 100]}),
+        # EKD's grid went below TFace's weight 1 after the first pass: 1 was the best of [1, 10, 100] on validation
+        dict(name="EKD", losses={"ekd": {"weight": 1.0}}, grid={"ekd.weight": [0.1, 0.3, 1, 10, 100]}),
         dict(name="CoupleFace", losses={"fc": {"weight": 100.0}, "mrd": {"weight": 1.0}},
              grid={"mrd.weight": [3, 30]}),
         dict(name="AdaDistill", losses={"adadistill": {"weight": 1.0}}, grid={"adadistill.hard_weighting": [True, False]}),
+        # the second pass: ILED's other hardness rules at UKD's best validation point, and the relation term on top
+        # of the best state-of-the-art method of the first pass (AdaDistill)
+        dict(name="UKD, margin hardness", losses={"iled": dict(UKD_LOSSES["iled"], hardness="margin"), "rpsd": RPSD},
+             grid={"iled.weight": [100], "rpsd.weight": [300]}),
+        dict(name="UKD, EMA hardness", losses={"iled": dict(UKD_LOSSES["iled"], mode="ema"), "rpsd": RPSD},
+             grid={"iled.weight": [100], "rpsd.weight": [300]}),
+        dict(name="AdaDistill + RPSD", losses={"adadistill": {"weight": 1.0, "hard_weighting": False}, "rpsd": RPSD},
+             grid={"rpsd.weight": [100, 300]}),
         dict(name="ProxylessKD", losses={"proxyless": {"weight": 1.0, "teacher_cache": STUDY_CACHE}},
              grid={"proxyless.weight": [1]}),
     ],
