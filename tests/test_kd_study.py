@@ -421,6 +421,17 @@ def test_a_tiny_study_end_to_end(tmp_path, monkeypatch, capsys):
         diff = entry["vs_best_baseline"]["TAR@1e-2"]
         assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1] or diff["ci95"] == [0.0, 0.0]
     assert summary["methods"][summary["best_baseline"]]["vs_best_baseline"]["TAR@1e-2"]["mean"] == 0
+    # the paired difference to every baseline, not only the best: antisymmetric, the best one's is vs_best_baseline
+    no_kd, fc_vs = summary["methods"]["no KD"]["vs_baselines"], fc["vs_baselines"]
+    assert no_kd[summary["best_baseline"]] == summary["methods"]["no KD"]["vs_best_baseline"]
+    assert fc_vs["no KD"]["TAR@1e-2"]["per_seed"] == [-v for v in no_kd["FC"]["TAR@1e-2"]["per_seed"]]
+    lo, hi = fc_vs["no KD"]["TAR@1e-2"]["ci95"]
+    assert no_kd["FC"]["TAR@1e-2"]["ci95"] == pytest.approx([-hi, -lo])
+    assert fc_vs["FC"]["TAR@1e-2"]["mean"] == 0 == no_kd["no KD"]["TAR@1e-2"]["mean"]
+    md = Path(out, "summary.md").read_text()
+    other = "FC" if summary["best_baseline"] == "no KD" else "no KD"
+    assert f"## Difference to the best baseline ({summary['best_baseline']})" in md
+    assert f"## Difference to the baseline ({other})" in md
     assert [f["run"] for f in summary["runs"]["failed"]] == ["FC fc.weight=10 seed 1"]
     assert summary["teacher"]["test"]["TAR@1e-2"] is not None
     for name in ("summary.md", "primary_vs_weight.png", "roc_test.png"):

@@ -1,8 +1,9 @@
 """What a study concludes: summary.json, summary.md and the plots, from the finished runs.
 
 Per method: the grid point chosen on validation (selection.py), the test metrics of that point as mean and 95% t
-interval over seeds, and the paired difference to the best baseline on test with a bootstrap interval that resamples
-test subjects and seeds (bootstrap.py). Fractions in [0, 1] in the json; percent in the markdown.
+interval over seeds, and the paired difference to every baseline on test (the best one, chosen on validation, is also
+`vs_best_baseline`) with a bootstrap interval that resamples test subjects and seeds (bootstrap.py). Fractions in [0, 1] in the json;
+percent in the markdown.
 """
 import os
 
@@ -67,6 +68,17 @@ class StudySummary:
             reps.append(boot.tars(scores))
         return np.asarray(points), np.asarray(reps)
 
+    def _paired_difference(self, method, baseline, draws):
+        """{TAR@far: mean, ci95 (subjects and seeds resampled), ci95_subjects_only, per_seed} of method - baseline."""
+        (points, reps), (base_points, base_reps) = method, baseline
+        diff_points, diff_reps = points - base_points, reps - base_reps  # paired by seed and replicate
+        lo, hi = percentile_interval(seed_pooled(diff_reps, draws))
+        slo, shi = percentile_interval(seed_pooled(diff_reps))
+        return {metric_name(f): {"mean": float(diff_points[:, k].mean()), "ci95": [float(lo[k]), float(hi[k])],
+                                 "ci95_subjects_only": [float(slo[k]), float(shi[k])],
+                                 "per_seed": [float(v) for v in diff_points[:, k]]}
+                for k, f in enumerate(self.boot_fars)}
+
     # ------------------------------------------------------------------ the json
     def build(self):
         study = self.study
@@ -109,18 +121,12 @@ class StudySummary:
             out["methods"][method.name] = entry
         if boot is not None and self.best_baseline in replicates:
             draws = boot.seed_draws(len(study.seeds))
-            base_points, base_reps = replicates[self.best_baseline]
-            for name, (points, reps) in replicates.items():
-                diff_points, diff_reps = points - base_points, reps - base_reps  # paired by seed and replicate
-                pooled = seed_pooled(diff_reps, draws)
-                subjects_only = seed_pooled(diff_reps)
-                lo, hi = percentile_interval(pooled)
-                slo, shi = percentile_interval(subjects_only)
-                out["methods"][name]["vs_best_baseline"] = {
-                    metric_name(f): {"mean": float(diff_points[:, k].mean()), "ci95": [float(lo[k]), float(hi[k])],
-                                     "ci95_subjects_only": [float(slo[k]), float(shi[k])],
-                                     "per_seed": [float(v) for v in diff_points[:, k]]}
-                    for k, f in enumerate(self.boot_fars)}
+            for baseline in [m.name for m in study.baselines if m.name in replicates]:
+                for name, reps in replicates.items():
+                    diff = self._paired_difference(reps, replicates[baseline], draws)
+                    out["methods"][name].setdefault("vs_baselines", {})[baseline] = diff
+                    if baseline == self.best_baseline:
+                        out["methods"][name]["vs_best_baseline"] = diff
             out["bootstrap"]["fallbacks"] = boot.fallbacks
         if self.teacher_metrics is not None:
             out["teacher"] = {k: v for k, v in self.teacher_metrics.items() if isinstance(v, dict)}
@@ -221,15 +227,20 @@ def markdown(summary):
               _markdown_table(["method", "chosen on val", f"val {primary}"] + [f"test {m}" for m in metrics], rows), ""]
     boot_metrics = summary["bootstrap"]["fars"]
     if summary["best_baseline"] and boot_metrics:
-        rows = []
-        for name, entry in summary["methods"].items():
-            diff = entry.get("vs_best_baseline")
-            if diff:
-                rows.append([name] + [_pct_interval(diff.get(m)) for m in boot_metrics])
-        lines += [f"## Difference to the best baseline ({summary['best_baseline']}), test split", "",
-                  "Paired: the same seeds and the same bootstrap replicates; interval from "
-                  f"{summary['bootstrap']['replicates']} replicates resampling test subjects and seeds.", "",
-                  _markdown_table(["method"] + [f"Δ {m}" for m in boot_metrics], rows), ""]
+        others = [b for b in summary["baselines"] if b != summary["best_baseline"]]
+        for baseline in [summary["best_baseline"]] + others:
+            rows = []
+            for name, entry in summary["methods"].items():
+                diff = entry.get("vs_baselines", {}).get(baseline)
+                if diff and name != baseline:
+                    rows.append([name] + [_pct_interval(diff.get(m)) for m in boot_metrics])
+            if not rows:
+                continue
+            title = "the best baseline" if baseline == summary["best_baseline"] else "the baseline"
+            lines += [f"## Difference to {title} ({baseline}), test split", "",
+                      "Paired: the same seeds and the same bootstrap replicates; interval from "
+                      f"{summary['bootstrap']['replicates']} replicates resampling test subjects and seeds.", "",
+                      _markdown_table(["method"] + [f"Δ {m}" for m in boot_metrics], rows), ""]
     rows = []
     for name, entry in summary["methods"].items():
         for point in entry["grid"]:
