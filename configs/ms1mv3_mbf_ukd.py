@@ -4,8 +4,8 @@ from easydict import EasyDict as edict
 # mining) + relational RPSD (memory bank + sample mining) with the teacher's class centres in the margin softmax
 # (AdaDistill's adaptive centres).
 # The student recipe is upstream's configs/ms1mv3_mbf.py unchanged; the only additions are the P x K sampler (the
-# sampler every KD study used; relational losses such as RPSD need its positive pairs) and the `kd` section. Train the teacher first (configs/ms1mv3_r100.py) or point
-# kd.teacher_weights at an insightface r100 model.pt / backbone.pth.
+# sampler every KD study used; relational losses such as RPSD need its positive pairs) and the `kd` section. Train the
+# teacher first (configs/ms1mv3_r100.py) or point kd.teacher_weights at an insightface r100 model.pt / backbone.pth.
 #   torchrun --nproc_per_node=8 tools/train.py configs/ms1mv3_mbf_ukd.py
 
 config = edict()

@@ -10,13 +10,12 @@
 import os
 import runpy
 
-# the benchmark is the default study's: the same student config, data and teacher config
-DEFAULT = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))["study"]
+# the benchmark is the default study's: the same student config, data and teacher config, and its ILED and
+# relational RPSD terms (student-student relations, FIFO student bank)
+_DEFAULT_FILE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))
+DEFAULT, RPSD, ILED = _DEFAULT_FILE["study"], _DEFAULT_FILE["RPSD"], _DEFAULT_FILE["UKD_LOSSES"]["iled"]
 # AdaDistill at the point the default study chose on validation (plain adaptive alpha)
 ADA = {"weight": 1.0, "hard_weighting": False}
-# the relational RPSD of the default study (student-student relations, FIFO student bank)
-RPSD = {"weight": 1.0, "relation": "student", "bank": 4096, "k_neg": 128}
-ILED = {"weight": 1.0, "ratio": 0.25, "beta": 1.0}
 
 study = dict(
     name="ukd_centres",

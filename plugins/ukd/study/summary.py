@@ -2,8 +2,8 @@
 
 Per method: the grid point chosen on validation (selection.py), the test metrics of that point as mean and 95% t
 interval over seeds, and the paired difference to every baseline on test (the best one, chosen on validation, is also
-`vs_best_baseline`) with a bootstrap interval that resamples test subjects and seeds (bootstrap.py). Fractions in [0, 1] in the json;
-percent in the markdown.
+`vs_best_baseline`) with a bootstrap interval that resamples test subjects and seeds (bootstrap.py). Fractions in
+[0, 1] in the json; percent in the markdown.
 """
 import os
 
@@ -121,12 +121,11 @@ class StudySummary:
             out["methods"][method.name] = entry
         if boot is not None and self.best_baseline in replicates:
             draws = boot.seed_draws(len(study.seeds))
-            for baseline in [m.name for m in study.baselines if m.name in replicates]:
-                for name, reps in replicates.items():
-                    diff = self._paired_difference(reps, replicates[baseline], draws)
-                    out["methods"][name].setdefault("vs_baselines", {})[baseline] = diff
-                    if baseline == self.best_baseline:
-                        out["methods"][name]["vs_best_baseline"] = diff
+            baselines = [m.name for m in study.baselines if m.name in replicates]
+            for name, reps in replicates.items():
+                entry = out["methods"][name]
+                entry["vs_baselines"] = {b: self._paired_difference(reps, replicates[b], draws) for b in baselines}
+                entry["vs_best_baseline"] = entry["vs_baselines"][self.best_baseline]
             out["bootstrap"]["fallbacks"] = boot.fallbacks
         if self.teacher_metrics is not None:
             out["teacher"] = {k: v for k, v in self.teacher_metrics.items() if isinstance(v, dict)}

@@ -2,8 +2,8 @@
 
 1. generate procedural faces (training rec, held-out .bin pairs, an IJB-style folder)
 2. train the teacher (half-width iResNet-34), cache its embeddings of the training set once
-3. train the same student (half-width MobileFaceNet) three ways: no KD, feature consistency, UKD (ILED + the
-   teacher's class centres, the KD studies' choice)
+3. train the same student (half-width MobileFaceNet) three ways: no KD, feature consistency, UKD (ILED +
+   relational RPSD with the teacher's class centres, the KD studies' choice)
 4. evaluate all four on the held-out .bin pairs and the IJB-style folder
 5. print one table (accuracy, TAR@FAR, train time) and write an ROC plot of the four models
 
