@@ -398,6 +398,12 @@ def test_vit_config_holds_upstreams_values(name):
     assert isinstance(model, VisionTransformer)
 
 
+def skip_unless_heavy(what):
+    """Full-size trainings run only when asked: UKD_HEAVY_TESTS=1."""
+    if not os.environ.get("UKD_HEAVY_TESTS"):
+        pytest.skip(f"set UKD_HEAVY_TESTS=1 to {what}")
+
+
 def available_memory_gib():
     with open("/proc/meminfo") as meminfo:
         fields = dict(line.split(":", 1) for line in meminfo)
@@ -442,8 +448,7 @@ def test_larger_vit_configs_train_unchanged(name, tmp_path):
     """ViT-B and ViT-L train through the same code as ViT-T and ViT-S above, only bigger (40-135 s each on an
     AVX2-only CPU, most of a CI budget), so they run when asked (UKD_HEAVY_TESTS=1); their values and layouts are
     checked in the fast tests."""
-    if not os.environ.get("UKD_HEAVY_TESTS"):
-        pytest.skip("set UKD_HEAVY_TESTS=1 to train ViT-B and ViT-L configs a step or two (minutes)")
+    skip_unless_heavy("train ViT-B and ViT-L configs a step or two (minutes)")
     train_config_briefly(name, tmp_path, steps=1 if "8gpu_vit_b" in name else 2)
 
 
@@ -451,8 +456,7 @@ def test_larger_vit_configs_train_unchanged(name, tmp_path):
 def test_vit_h_config_trains_unchanged(tmp_path):
     """756M parameters: weights, gradients and AdamW's two moments take 12 GiB and a minute of CPU, so it runs
     when asked (UKD_HEAVY_TESTS=1); its layout and outputs are checked against upstream's in the fast tests."""
-    if not os.environ.get("UKD_HEAVY_TESTS"):
-        pytest.skip("set UKD_HEAVY_TESTS=1 to train ViT-H one step (12 GiB, about a minute)")
+    skip_unless_heavy("train ViT-H one step (12 GiB, about a minute)")
     if available_memory_gib() < 16:
         pytest.skip(f"ViT-H needs ~12 GiB for one AdamW step; {available_memory_gib():.1f} GiB available")
     train_config_briefly("wf42m_pfc02_vit_h.py", tmp_path, steps=1)
